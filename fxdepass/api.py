@@ -1,0 +1,242 @@
+"""User API: :func:`compile`, :class:`DecomposedModel` and :class:`Attribution`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from .capture import CapturedModel, capture, cast_floats, model_inputs
+from .errors import CaptureError, InvalidInputError, InvalidReadoutError
+from .readouts import READOUTS, locate_readout
+from .rewrite import Policy, build_module
+from .seeds import Seed, tokens
+from fxdepass.rules.activations import ALLOCATIONS
+
+__all__ = ["compile", "DecomposedModel", "Attribution"]
+
+
+@dataclasses.dataclass
+class Attribution:
+    """Components of a readout: ``components.sum(0)`` equals ``total``.
+
+    ``components`` has the component axis first (one per source, ``rest`` last) followed by the
+    readout's own shape (``[batch, positions, vocabulary]`` for logits); ``labels`` names each component.
+
+    >>> attribution.scores()             # logit contribution of each component to the argmax next token
+    >>> attribution.reconstruction_error()   # max |Σ components − total| / max |total|
+    """
+
+    components: torch.Tensor
+    total: torch.Tensor
+    labels: list[str]
+    input_ids: torch.Tensor
+    readout: str
+    targets: torch.Tensor | None = None
+
+    def scores(self, target: int | Sequence[int] | torch.Tensor | None = None, position: int = -1) -> torch.Tensor:
+        """Each component's contribution to the ``target`` logit at ``position``.
+
+        ``target`` defaults to the ``targets`` given to ``attribute`` or else the argmax of the real logits
+        there.  Shape ``[components]`` for one prompt, ``[components, batch]`` for several.
+        """
+        if self.readout != "logits":
+            raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
+        batch = self.total.shape[0]
+        length = self.total.shape[1]
+        if not -length <= position < length:
+            raise InvalidInputError(f"position {position} is outside a prompt of {length} tokens")
+        if target is None:
+            target = self.targets if self.targets is not None else self.total[:, position].argmax(-1)
+        target = torch.as_tensor(target, device=self.total.device).reshape(-1).expand(batch)
+        vocabulary = self.total.shape[-1]
+        if bool(((target < 0) | (target >= vocabulary)).any()):
+            raise InvalidInputError(f"target {target.tolist()} is outside the vocabulary (size {vocabulary})")
+        at_position = self.components[:, :, position, :]
+        index = target.view(1, batch, 1).expand(at_position.shape[0], batch, 1)
+        picked = at_position.gather(-1, index).squeeze(-1)
+        return picked[:, 0] if batch == 1 else picked
+
+    def reconstruction_error(self) -> float:
+        """Max relative error of the sum of components against the real value (same precision policy)."""
+        error = (self.components.sum(0) - self.total).abs().max()
+        scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
+        return float(error / scale)
+
+    def top(self, k: int = 10, target: int | None = None, position: int = -1) -> list[tuple[str, float]]:
+        """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""
+        values = self.scores(target, position)
+        values = values if values.ndim == 1 else values[:, 0]
+        order = values.abs().argsort(descending=True)[:k]
+        return [(self.labels[i], float(values[i])) for i in order.tolist()]
+
+
+class DecomposedModel:
+    """A model compiled for DePass.  Create it with :func:`fxdepass.compile`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        example_inputs: Any = None,
+        activation: str = "softmax",
+        temperature: float = 0.1,
+        dtype: torch.dtype | None = None,
+        tokenizer: Any = None,
+    ):
+        if activation not in ALLOCATIONS:
+            raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
+        if not temperature > 0:
+            raise InvalidInputError(f"temperature must be positive, got {temperature}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = Policy(activation, float(temperature))
+        parameter = next(model.parameters(), None)
+        self.model_dtype = parameter.dtype if parameter is not None else torch.float32
+        self.dtype = dtype or self.model_dtype
+        self.input_names = model_inputs(model)
+        if "input_ids" not in self.input_names:
+            raise CaptureError(f"{type(model).__name__}.forward takes no input_ids")
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self._captures: dict[Any, CapturedModel] = {}
+        self._modules: dict[Any, tuple[torch.fx.GraphModule, list[str]]] = {}
+        example = self._inputs(self._example_ids(example_inputs))
+        self._dynamic = True
+        self._capture(example)
+
+    # -- capture and generation -------------------------------------------------------------
+
+    def _example_ids(self, example_inputs: Any) -> torch.Tensor:
+        if example_inputs is not None:
+            ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs
+            return self._validate_ids(ids)
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.vocab_size or 2, (2, 8), generator=generator)
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> CapturedModel:
+        batch, length = inputs["input_ids"].shape
+        key = None if (self._dynamic and length >= 2) else (batch, length)
+        if key in self._captures:
+            return self._captures[key]
+        try:
+            captured = capture(self.model, inputs, dynamic=key is None)
+        except CaptureError:
+            if key is not None:
+                raise
+            self._dynamic, key = False, (batch, length)
+            captured = capture(self.model, inputs, dynamic=False)
+        if self.dtype != self.model_dtype:
+            cast_floats(captured.graph, self.dtype)
+            captured.tensors = {
+                name: (target, t.detach().to(self.dtype) if t.is_floating_point() else t)
+                for name, (target, t) in captured.tensors.items()
+            }
+        self._captures[key] = captured
+        return captured
+
+    def _module(self, captured: CapturedModel, seed: Seed, readout: str) -> torch.fx.GraphModule:
+        key = (id(captured), seed, readout)
+        if key not in self._modules:
+            seed_node = seed.locate(captured, self.model)
+            readout_node = locate_readout(readout, captured, self.model)
+            prefix = getattr(self.model, "base_model_prefix", "")
+            self._modules[key] = build_module(captured, seed, seed_node, readout_node, self.policy, prefix)
+        return self._modules[key]
+
+    @property
+    def default_readout(self) -> str:
+        captured = next(iter(self._captures.values()))
+        return "logits" if "logits" in captured.outputs else "hidden"
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The generated module for token-level attribution of the default readout."""
+        captured = next(iter(self._captures.values()))
+        return self._module(captured, tokens(), self.default_readout)
+
+    @property
+    def code(self) -> str:
+        """The generated Python code of :attr:`graph_module`."""
+        return self.graph_module.code
+
+    # -- attribution ---------------------------------------------------------------------------
+
+    def _validate_ids(self, input_ids: Any) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.ndim == 1:
+            ids = ids.unsqueeze(0)
+        if ids.ndim != 2 or ids.numel() == 0:
+            raise InvalidInputError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InvalidInputError(f"input_ids must hold integer token ids, got {ids.dtype}")
+        if self.vocab_size is not None and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+            raise InvalidInputError(f"input_ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
+        return ids.long()
+
+    def _inputs(self, ids: torch.Tensor, attention_mask: Any = None) -> dict[str, torch.Tensor]:
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        if mask.ndim == 1:
+            mask = mask.unsqueeze(0)
+        if mask.shape != ids.shape:
+            raise InvalidInputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.input_names:
+            # Left-padded prompts keep the positions they would have alone.
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return {k: v for k, v in inputs.items() if k in self.input_names}
+
+    def attribute(
+        self,
+        input_ids: Any,
+        *,
+        attention_mask: Any = None,
+        seed: Seed | None = None,
+        readout: str = "logits",
+        targets: Any = None,
+    ) -> Attribution:
+        """Decompose ``readout`` by ``seed`` (default: one component per input token).
+
+        >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
+        ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
+        >>> attribution.scores()                                                    # doctest: +SKIP
+        """
+        seed = tokens() if seed is None else seed
+        if not isinstance(seed, Seed):
+            raise InvalidInputError(f"seed must be an fxdepass seed such as fxdepass.tokens(), got {seed!r}")
+        if readout not in READOUTS:
+            raise InvalidReadoutError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+        ids = self._validate_ids(input_ids)
+        inputs = self._inputs(ids, attention_mask)
+        captured = self._capture(inputs)
+        module = self._module(captured, seed, readout)
+        with torch.no_grad():
+            total, components = module(*[inputs[name] for name in captured.inputs])
+        target_tensor = None if targets is None else torch.as_tensor(targets).long()
+        return Attribution(components, total, seed.labels(ids, self.tokenizer), ids, readout, target_tensor)
+
+
+def compile(
+    model: torch.nn.Module,
+    *,
+    example_inputs: Any = None,
+    activation: str = "softmax",
+    temperature: float = 0.1,
+    dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
+) -> DecomposedModel:
+    """Compile a Hugging Face model for DePass attribution.
+
+    ``activation`` picks how activations are allocated (``"softmax"``, ``"linear"``, ``"max"``), with
+    ``temperature`` for softmax; ``dtype=torch.float64`` runs real and decomposed passes in float64.
+    The model itself is never modified.
+
+    >>> decomposed = fxdepass.compile(model, dtype=torch.float64)              # doctest: +SKIP
+    >>> decomposed.attribute(input_ids).scores()                               # doctest: +SKIP
+    """
+    decomposed = DecomposedModel(
+        model, example_inputs=example_inputs, activation=activation, temperature=temperature, dtype=dtype,
+        tokenizer=tokenizer,
+    )
+    decomposed.graph_module  # build now, so that a missing rule fails at compile time
+    return decomposed

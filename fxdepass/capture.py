@@ -1,0 +1,142 @@
+"""Capture: a Hugging Face model becomes a functional ATen-level ``torch.fx`` graph.
+
+``torch.export.export(..., strict=False)`` with the cache off, then ``run_decompositions({})`` to
+functionalise.  Batch and sequence length are dynamic where the model allows it, so one capture
+serves every input shape; otherwise :func:`capture` is called once per shape (the caller caches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import torch.fx
+
+from .errors import CaptureError
+
+__all__ = ["CapturedModel", "capture", "model_inputs", "cast_floats"]
+
+#: Model inputs fxdepass passes when the model's ``forward`` accepts them.
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclasses.dataclass
+class CapturedModel:
+    """One captured graph and what is needed to run it outside ``torch.export``."""
+
+    graph: torch.fx.Graph
+    #: placeholder name → (attribute path in the model, tensor) for parameters, buffers and constants
+    tensors: dict[str, tuple[str, torch.Tensor]]
+    #: placeholder names of the inputs fxdepass feeds, in order
+    inputs: list[str]
+    #: output name ("logits", "last_hidden_state", …) → node
+    outputs: dict[str, torch.fx.Node]
+    #: symbolic (or, for a static capture, concrete) batch and sequence sizes of ``input_ids``
+    batch_size: Any
+    sequence_length: Any
+    dynamic: bool
+
+    def axis_of(self, node: torch.fx.Node, size: Any) -> int | None:
+        """The first axis of ``node``'s value whose size is ``size`` (a symbol or an int)."""
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        for axis, dim in enumerate(value.shape):
+            if _same_size(dim, size):
+                return axis
+        return None
+
+
+def _same_size(dim: Any, size: Any) -> bool:
+    if isinstance(dim, torch.SymInt) != isinstance(size, torch.SymInt):
+        return False
+    if isinstance(dim, torch.SymInt):
+        return dim.node.expr == size.node.expr
+    return dim == size
+
+
+def model_inputs(model: torch.nn.Module) -> tuple[str, ...]:
+    """The inputs of :data:`INPUT_NAMES` that ``model.forward`` accepts."""
+    parameters = inspect.signature(model.forward).parameters
+    return tuple(name for name in INPUT_NAMES if name in parameters)
+
+
+def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True) -> CapturedModel:
+    """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.
+
+    >>> captured = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # doctest: +SKIP
+    """
+    kwargs: dict[str, Any] = dict(example)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    shapes = None
+    if dynamic:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        sequence = torch.export.Dim("sequence", min=2, max=max(int(limit), 3))
+        shapes = {k: ({0: batch, 1: sequence} if k in example else None) for k in kwargs}
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+            program = program.run_decompositions({})
+    except Exception as error:  # torch.export raises many unrelated types
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. Things to try: "
+            "load the model with attn_implementation='eager' or 'sdpa', or pass static shapes "
+            "(fxdepass.compile(..., example_inputs=...) with the exact prompt shape)."
+        ) from error
+    finally:
+        model.train(was_training)
+    return _captured(model, program, example, dynamic)
+
+
+def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Tensor], dynamic: bool) -> CapturedModel:
+    from torch.export.graph_signature import InputKind
+
+    graph = program.graph_module.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    inputs: list[str] = []
+    for spec in program.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            tensors[name] = (spec.target, model.get_parameter(spec.target))
+        elif spec.kind == InputKind.BUFFER:
+            tensors[name] = (spec.target, model.get_buffer(spec.target))
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            tensors[name] = (spec.target, program.constants[spec.target])
+        elif spec.kind == InputKind.USER_INPUT and name in example:
+            inputs.append(name)
+        elif placeholders[name].users:
+            raise CaptureError(f"captured graph uses input {name!r} that fxdepass does not feed")
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    flat = list(output_node.args[0])
+    context = program.call_spec.out_spec.context
+    names = list(context) if isinstance(context, list) and len(context) == len(flat) else [str(i) for i in range(len(flat))]
+    outputs = {name: node for name, node in zip(names, flat) if isinstance(node, torch.fx.Node)}
+    shape = placeholders["input_ids"].meta["val"].shape
+    return CapturedModel(graph, tensors, inputs, outputs, shape[0], shape[1], dynamic)
+
+
+def cast_floats(graph: torch.fx.Graph, dtype: torch.dtype) -> None:
+    """Make every floating dtype named in ``graph`` ``dtype``, in place; drop dtype assertions.
+
+    This is SPEC §5's precision policy (float64 mode): casts to a lower precision (Hugging Face norms
+    compute in float32) become no-ops, so the real and the decomposed computation both run in ``dtype``.
+    """
+
+    def cast(value: Any) -> Any:
+        return dtype if isinstance(value, torch.dtype) and value.is_floating_point else value
+
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+            continue
+        node.args = torch.fx.node.map_aggregate(node.args, cast)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, cast)

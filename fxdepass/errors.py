@@ -1,0 +1,57 @@
+"""The error hierarchy: every failure fxdepass reports derives from :class:`FxDePassError`."""
+from __future__ import annotations
+
+import torch.fx
+
+__all__ = [
+    "FxDePassError",
+    "UnsupportedOpError",
+    "CaptureError",
+    "InvalidSeedError",
+    "InvalidReadoutError",
+    "InvalidInputError",
+    "node_location",
+]
+
+
+class FxDePassError(Exception):
+    """Base class of every error fxdepass raises on purpose."""
+
+
+class UnsupportedOpError(FxDePassError):
+    """An op that must carry components has no rule in the table."""
+
+
+class CaptureError(FxDePassError):
+    """``torch.export`` could not capture the model."""
+
+
+class InvalidSeedError(FxDePassError):
+    """A seed names a location the model does not have, or splits it wrongly."""
+
+
+class InvalidReadoutError(FxDePassError):
+    """A readout names a value the model does not compute, or one the seed cannot reach."""
+
+
+class InvalidInputError(FxDePassError):
+    """Inputs (ids, masks, targets) that do not fit the model."""
+
+
+def node_location(node: torch.fx.Node) -> str:
+    """Describe where a graph node comes from: module path, module type and source line.
+
+    >>> node_location(node)  # doctest: +SKIP
+    "model.layers.0.mlp (LlamaMLP), modeling_llama.py:152: `return down_proj`"
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, module_type = list(stack.values())[-1]
+        where = f"{path or '<root>'} ({str(module_type).rsplit('.', 1)[-1]})"
+    else:
+        where = "<top level>"
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    if len(trace) >= 2:
+        file_line, code = trace[-2].strip(), trace[-1].strip()
+        where += f", {file_line}: `{code}`"
+    return where

@@ -1,0 +1,184 @@
+"""The rule table: how every ATen op maps to its decomposed counterpart.
+
+``RULES`` is a dict keyed by ``OpOverload`` (or a plain callable such as ``operator.getitem``), filled
+by the one-line declarations and the ``@register_rule`` decorator below; registering an op twice is an
+error.  Rules live in ``fxdepass.rules`` (the repository's ``rules/`` folder), one module per family.
+
+Note [Kinds of ops]
+~~~~~~~~~~~~~~~~~~~
+Each op has one kind (SPEC §2):
+
+* ``LINEAR``: jointly linear in ``linear_args``.  Applied to every component; an argument of the linear
+  group that carries no components (a bias, an added constant, a constant piece of a ``cat``) is a
+  constant term and goes to the rest component.
+* ``BILINEAR``: linear in whichever one of ``linear_args`` carries components, the other being a
+  multiplier (``mul``, ``matmul``, ``addmm``).  When both carry components the product rules apply.
+  ``additive_args`` are constant terms (``addmm``'s bias).
+* ``FROZEN``: never carries components; its real value is used (softmax, comparisons, top-k).
+* ``GATE``: an elementwise nonlinearity (``rsqrt``, ``tanh``, ``pow``, ``sigmoid``).  Used on its own
+  it is frozen (norm statistics, a sigmoid gate); combined elementwise with the value it came from it
+  is part of an activation (GPT-2's ``0.5·z·(1+tanh(…))``), see ``fxdepass.analysis``.
+* ``ACTIVATION``: an elementwise activation (``silu``, ``gelu``, ``relu``); its output is allocated
+  among the components of its input.
+* ``CUSTOM``: a hand-written rule ``fn`` with the op's own signature, receiving real argument values
+  plus ``components=`` for the one argument that carries them (``layer_norm``, attention).
+
+``elementwise`` marks ops whose output element depends only on the same element of the inputs; the
+analysis uses it to find multi-op activations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .errors import FxDePassError
+
+__all__ = [
+    "Kind",
+    "OpRule",
+    "RULES",
+    "deflinear",
+    "defbilinear",
+    "deffrozen",
+    "defgate",
+    "defactivation",
+    "register_rule",
+    "add_to_rest",
+    "lookup",
+]
+
+
+class Kind(enum.Enum):
+    LINEAR = "linear"
+    BILINEAR = "bilinear"
+    FROZEN = "frozen"
+    GATE = "gate"
+    ACTIVATION = "activation"
+    CUSTOM = "custom"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """How one op is decomposed.  Argument positions refer to the op's positional arguments."""
+
+    op: Any
+    kind: Kind
+    linear_args: tuple[int, ...] = ()
+    additive_args: tuple[int, ...] = ()
+    elementwise: bool = False
+    nonlinear_args: tuple[int, ...] = ()
+    fn: Callable[..., Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.op) if isinstance(self.op, torch._ops.OpOverload) else getattr(self.op, "__name__", str(self.op))
+
+
+RULES: dict[Any, OpRule] = {}
+
+
+def lookup(op: Any) -> OpRule | None:
+    """The rule for ``op``, or ``None`` when the table has none."""
+    return RULES.get(op)
+
+
+def _positions(op: Any, args: Iterable[int | str]) -> tuple[int, ...]:
+    """Turn argument names (from the op's schema) or positions into positions."""
+    names = [a.name for a in op._schema.arguments] if hasattr(op, "_schema") else []
+    out = []
+    for a in args:
+        if isinstance(a, int):
+            out.append(a)
+        elif a in names:
+            out.append(names.index(a))
+        else:
+            raise FxDePassError(f"{op} has no argument named {a!r} (its arguments: {names})")
+    return tuple(out)
+
+
+def _register(rule: OpRule) -> None:
+    if rule.op in RULES:
+        raise FxDePassError(f"a rule for {rule.name} is already registered ({RULES[rule.op].kind.value})")
+    RULES[rule.op] = rule
+
+
+def _ops(ops: Any) -> Sequence[Any]:
+    return ops if isinstance(ops, (list, tuple)) else [ops]
+
+
+def deflinear(
+    ops: Any, args: Sequence[int | str] = (0,), *, nonlinear: Sequence[int | str] = (), elementwise: bool = False
+) -> None:
+    """Declare ``ops`` jointly linear in ``args``; the others are static (shapes, dims, indices, weights).
+
+    ``nonlinear`` names arguments the op is nonlinear in and that are frozen when they carry
+    components (``div``'s divisor); elementwise, with the same source as ``args``, they make an activation.
+
+    >>> deflinear(torch.ops.aten.view.default)
+    >>> deflinear(torch.ops.aten.add.Tensor, ("self", "other"), elementwise=True)
+    """
+    for op in _ops(ops):
+        linear = _positions(op, args)
+        _register(OpRule(op, Kind.LINEAR, linear, linear, elementwise, _positions(op, nonlinear)))
+
+
+def defbilinear(
+    ops: Any, factors: Sequence[int | str] = (0, 1), additive: Sequence[int | str] = (), *, elementwise: bool = False
+) -> None:
+    """Declare ``ops`` linear in each of ``factors`` separately, plus the constant terms ``additive``.
+
+    >>> defbilinear(torch.ops.aten.addmm.default, ("mat1", "mat2"), additive=("self",))
+    """
+    for op in _ops(ops):
+        positions = _positions(op, factors)
+        _register(OpRule(op, Kind.BILINEAR, positions, _positions(op, additive), elementwise))
+
+
+def deffrozen(ops: Any) -> None:
+    """Declare ``ops`` frozen: their real value is used, they never carry components."""
+    for op in _ops(ops):
+        _register(OpRule(op, Kind.FROZEN))
+
+
+def defgate(ops: Any) -> None:
+    """Declare elementwise nonlinearities that are frozen unless part of a multi-op activation."""
+    for op in _ops(ops):
+        _register(OpRule(op, Kind.GATE, elementwise=True, nonlinear_args=(0, 1)))
+
+
+def defactivation(ops: Any) -> None:
+    """Declare elementwise activations whose output is allocated among their input's components."""
+    for op in _ops(ops):
+        _register(OpRule(op, Kind.ACTIVATION, elementwise=True, nonlinear_args=(0,)))
+
+
+def register_rule(ops: Any, decomposes: int | str = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a hand-written rule for ``ops``; argument ``decomposes`` is the one carrying components.
+
+    The rule is called with the op's own arguments (real values) and ``components=`` holding the
+    components of argument ``decomposes`` (component axis first, rest last)::
+
+        @register_rule(torch.ops.aten.layer_norm.default, decomposes="input")
+        def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True, *, components):
+            ...
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for op in _ops(ops):
+            _register(OpRule(op, Kind.CUSTOM, _positions(op, [decomposes]), fn=fn))
+        return fn
+
+    return decorate
+
+
+def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
+    """Return ``components`` with ``constant`` added to the rest component (the last one).
+
+    >>> add_to_rest(torch.zeros(3, 2), torch.ones(2))[-1]
+    tensor([1., 1.])
+    """
+    rest = (components[-1] + constant).unsqueeze(0)
+    return torch.cat((components[:-1].expand(-1, *rest.shape[1:]), rest))

@@ -1,0 +1,102 @@
+"""Activations: ``y = φ(z)`` is computed for real and allocated among the components of ``z``.
+
+Note [Activation allocation]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+At every element, the components *present* there (``z_m ≠ 0`` exactly) share ``y`` with weights
+
+* ``softmax`` (default, the paper's rule): ``w_m = softmax_m(z_m / T)``;
+* ``linear``: ``w_m ∝ z_m − min z`` (equal shares when all ``z_m`` are equal);
+* ``max``: everything to the largest ``z_m``.
+
+Excluding absent components keeps information from flowing backwards in time: a token's component
+is exactly zero at earlier positions, so it never receives a share there.  The sink option
+(``fxdepass.tokens(sink=True)``) also excludes the first attended position's component everywhere
+but at its own position, as the paper's ``ignore_special_token`` does.  Where no component is
+present, ``y`` (``φ(0)``, zero for most activations) goes to the rest component.  The shares sum to
+one, so ``Σ_m y_m = y`` exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxdepass.registry import defactivation, defgate
+
+aten = torch.ops.aten
+
+defactivation([
+    aten.silu.default, aten.gelu.default, aten.relu.default, aten.elu.default, aten.selu.default,
+    aten.celu.default, aten.softplus.default, aten.leaky_relu.default, aten.hardswish.default,
+    aten.mish.default, aten.hardtanh.default, aten.relu6.default, aten.hardsigmoid.default,
+])
+defgate([aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.expm1.default, aten.log.default,
+         aten.log1p.default, aten.erf.default, aten.sin.default, aten.cos.default, aten.clamp.default,
+         aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default, aten.maximum.default,
+         aten.minimum.default])
+
+ALLOCATIONS = ("softmax", "linear", "max")
+
+
+def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """Reshape a 1-d tensor so that it broadcasts along ``axis`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def sink_mask(
+    components: torch.Tensor, sink: torch.Tensor, batch_axis: int | None, position_axis: int
+) -> torch.Tensor:
+    """True where component ``sink[b]`` sits at a position other than ``sink[b]`` (component axis first)."""
+    ndim = components.ndim
+    index = _along(torch.arange(components.shape[0], device=components.device), 0, ndim)
+    position = _along(torch.arange(components.shape[position_axis + 1], device=components.device), position_axis + 1, ndim)
+    sink = _along(sink, batch_axis + 1, ndim) if batch_axis is not None else sink.reshape(())
+    return (index == sink) & (position != sink)
+
+
+def allocation_weights(
+    pre_activation: torch.Tensor, present: torch.Tensor, mode: str = "softmax", temperature: float = 0.1
+) -> torch.Tensor:
+    """Shares of each component (axis 0) at each element; they sum to one over axis 0."""
+    rest = torch.zeros_like(present)
+    rest[-1] = True
+    none_present = ~present.any(0, keepdim=True)
+    present = present | (none_present & rest)
+    if mode == "softmax":
+        weights = torch.softmax((pre_activation / temperature).masked_fill(~present, float("-inf")), dim=0)
+    elif mode == "linear":
+        low = pre_activation.masked_fill(~present, float("inf")).amin(0, keepdim=True)
+        spread = (pre_activation - low).masked_fill(~present, 0.0)
+        total = spread.sum(0, keepdim=True)
+        equal = present.to(pre_activation.dtype) / present.sum(0, keepdim=True)
+        weights = torch.where(total > 0, spread / total.clamp_min(torch.finfo(total.dtype).tiny), equal)
+    elif mode == "max":
+        winner = pre_activation.masked_fill(~present, float("-inf")).argmax(0, keepdim=True)
+        weights = torch.zeros_like(pre_activation).scatter_(0, winner, 1.0)
+    else:
+        raise ValueError(f"unknown activation allocation {mode!r}; choose one of {ALLOCATIONS}")
+    return weights
+
+
+def allocate(
+    components: torch.Tensor,
+    activation: torch.Tensor,
+    *,
+    mode: str = "softmax",
+    temperature: float = 0.1,
+    sink: torch.Tensor | None = None,
+    batch_axis: int | None = None,
+    position_axis: int | None = None,
+) -> torch.Tensor:
+    """Allocate the real ``activation = φ(z)`` among the ``components`` of ``z``.
+
+    >>> z = torch.tensor([[1.0, 0.0], [0.5, -2.0], [0.0, 0.0]])    # 2 components + rest, 2 elements
+    >>> y = allocate(z, torch.nn.functional.silu(z.sum(0)))
+    >>> torch.allclose(y.sum(0), torch.nn.functional.silu(z.sum(0)))
+    True
+    """
+    present = components != 0
+    if sink is not None and position_axis is not None:
+        present = present & ~sink_mask(components, sink, batch_axis, position_axis)
+    weights = allocation_weights(components, present, mode, temperature)
+    return weights * activation

@@ -1,0 +1,58 @@
+"""Attention: the probabilities come from the real queries and keys and are frozen; ``out_m = P · v_m``.
+
+Eager attention needs no rule of its own: ``softmax`` is frozen and ``matmul(P, v)`` is linear in ``v``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fxdepass.registry import deffrozen, register_rule
+
+aten = torch.ops.aten
+
+deffrozen([aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+           aten._safe_softmax.default])
+
+
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The probabilities ``softmax(q·kᵀ·scale + mask)`` of ``scaled_dot_product_attention``, ``[…, Sq, Sk]``.
+
+    Rows with every key masked get zeros, as PyTorch's own attention does.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+@register_rule(aten.scaled_dot_product_attention.default, decomposes="value")
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    components: torch.Tensor,
+) -> torch.Tensor:
+    """Each component of ``value`` through the frozen attention probabilities (GQA: kv heads repeated)."""
+    groups = query.shape[-3] // key.shape[-3]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=-3)
+        components = components.repeat_interleave(groups, dim=-3)
+    return attention_probabilities(query, key, attn_mask, is_causal, scale) @ components

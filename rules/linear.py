@@ -1,0 +1,109 @@
+"""Linear and affine ops: each is applied to every component; constant terms go to the rest component.
+
+Note [Constant terms of affine ops]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+An op jointly linear in a group of arguments satisfies ``f(x, c) = f(x, 0) + f(0, c)``.  When some of
+the group carry components (``x``) and others do not (``c``: a bias, an added constant, a constant piece
+of a ``cat``), every component gets ``f(x_m, 0)`` and the rest component additionally gets ``f(0, c)``:
+the sum over components is ``f(Σ x_m, 0) + f(0, c) = f(x, c)``.  The component axis is mapped with
+``torch.vmap``, so no op needs its dimensions shifted by hand.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import torch
+
+from fxdepass.registry import add_to_rest, defbilinear, deflinear, lookup, register_rule
+
+aten = torch.ops.aten
+
+# Shape, view and indexing ops: linear in the tensor they act on.
+deflinear([
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.narrow.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.flip.default, aten.roll.default, aten.repeat.default,
+    aten.repeat_interleave.self_int, aten.diagonal.default, aten.index.Tensor, aten.gather.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+    aten.expand_as.default, aten.view_as.default, aten.reshape_as.default,
+])
+# Reductions and scans.
+deflinear([aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.cumsum.default])
+# Joining and writing into tensors: linear jointly in every piece written.
+deflinear([aten.cat.default, aten.stack.default], ("tensors",))
+deflinear(aten.index_put.default, ("self", "values"))
+deflinear(aten.index_add.default, ("self", "source"))
+deflinear([aten.scatter_add.default, aten.scatter.src], ("self", "src"))
+deflinear(aten.constant_pad_nd.default, ("self", "value"))
+deflinear(aten.embedding.default, ("weight",))
+# Elementwise identities and sums.
+deflinear([aten.clone.default, aten.alias.default, aten._to_copy.default, aten.type_as.default,
+           aten.neg.default, aten.dropout.default, aten.lift_fresh_copy.default, aten.detach.default,
+           aten.mul.Scalar, aten.div.Scalar], elementwise=True)
+deflinear([aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
+           aten.rsub.Tensor], ("self", "other"), elementwise=True)
+deflinear([aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf], ("self", "other"), elementwise=True)
+deflinear([aten.masked_fill.Scalar, aten.masked_fill.Tensor], ("self", "value"), elementwise=True)
+deflinear(aten.div.Tensor, ("self",), nonlinear=("other",), elementwise=True)
+deflinear(aten.linear.default, ("input", "bias"))
+# Products: linear in either factor; both decomposed is handled by fxdepass.rules.products.
+defbilinear(aten.mul.Tensor, ("self", "other"), elementwise=True)
+defbilinear([aten.matmul.default, aten.mm.default, aten.bmm.default], (0, 1))
+defbilinear(aten.addmm.default, ("mat1", "mat2"), additive=("self",))
+defbilinear(aten.baddbmm.default, ("batch1", "batch2"), additive=("self",))
+
+
+# Note [Views of components]: the real value's memory layout can make ``view`` legal where the
+# components' layout (from a different kernel) does not; ``reshape`` copies only when it must.
+_COMPONENT_OP = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
+
+
+def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list, bool]:
+    """Split ``args`` into (constant terms zeroed, components zeroed), see Note [Constant terms of affine ops]."""
+    varying, constant, found = [], [], False
+
+    def leaf(x: Any, has_components: bool, is_additive: bool) -> tuple[Any, Any, bool]:
+        if has_components:
+            return x, x.new_zeros(x.shape[1:]), False
+        if is_additive and isinstance(x, (torch.Tensor, int, float)) and not isinstance(x, bool):
+            return (torch.zeros_like(x) if isinstance(x, torch.Tensor) else 0), x, True
+        return x, x, False
+
+    for i, (arg, dims) in enumerate(zip(args, in_dims)):
+        if isinstance(arg, (list, tuple)):
+            dims = dims if isinstance(dims, (list, tuple)) else [dims] * len(arg)
+            parts = [leaf(x, d == 0, i in additive) for x, d in zip(arg, dims)]
+            varying.append([p[0] for p in parts])
+            constant.append([p[1] for p in parts])
+            found = found or any(p[2] for p in parts)
+        else:
+            v, c, f = leaf(arg, dims == 0, i in additive)
+            varying.append(v)
+            constant.append(c)
+            found = found or f
+    return varying, constant, found
+
+
+def linear_map(op: Any, *args: Any, in_dims: tuple, **kwargs: Any) -> Any:
+    """Apply ``op`` to every component of the arguments marked ``0`` in ``in_dims``.
+
+    >>> x = torch.randn(3, 2, 4)                       # 3 components of a [2, 4] tensor
+    >>> y = linear_map(aten.linear.default, x, torch.randn(5, 4), torch.randn(5), in_dims=(0, None, None))
+    >>> y.shape                                        # the bias went to the rest component
+    torch.Size([3, 2, 5])
+    """
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    varying, constant, found = _split_constant_terms(args, in_dims, lookup(op).additive_args)
+    out = torch.vmap(functools.partial(_COMPONENT_OP.get(op, op), **kwargs), in_dims=in_dims)(*varying)
+    if found:
+        out = add_to_rest(out, op(*constant, **kwargs))
+    return out
+
+
+@register_rule(operator.getitem, decomposes=0)
+def getitem(sequence: Any, index: int, *, components: Any) -> torch.Tensor:
+    """Pick one output of a multi-output op (``split``, ``chunk``): the components of that output."""
+    return components[index]
