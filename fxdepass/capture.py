@@ -140,3 +140,11 @@ def cast_floats(graph: torch.fx.Graph, dtype: torch.dtype) -> None:
             continue
         node.args = torch.fx.node.map_aggregate(node.args, cast)
         node.kwargs = torch.fx.node.map_aggregate(node.kwargs, cast)
+        # Factories that relied on the default dtype (``torch.eye(n)``) get it spelled out.
+        value = node.meta.get("val")
+        schema = getattr(node.target, "_schema", None)
+        if (
+            isinstance(value, torch.Tensor) and value.dtype.is_floating_point and schema is not None
+            and any(a.name == "dtype" and a.kwarg_only for a in schema.arguments) and node.kwargs.get("dtype") is None
+        ):
+            node.kwargs = {**node.kwargs, "dtype": dtype}

@@ -1,0 +1,173 @@
+"""The user API: batching with padding, untouched models, readable code, options and errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import families
+import fxdepass
+from conftest import relative_error
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return families.build("llama", layers=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama64(llama) -> fxdepass.DecomposedModel:
+    return fxdepass.compile(llama, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(family: str, side: str) -> None:
+    decomposed = fxdepass.compile(families.build(family, seed=3), dtype=torch.float64)
+    prompts = [torch.randint(0, families.VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 4)]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        where = slice(7 - len(prompt), 7) if side == "left" else slice(0, len(prompt))
+        ids[row, where], mask[row, where] = prompt, 1
+    batched = decomposed.attribute(ids, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        alone = decomposed.attribute(prompt)
+        n = len(prompt)
+        positions = slice(7 - n, 7) if side == "left" else slice(0, n)
+        components = batched.components[:, row, positions]
+        mine = torch.cat((components[:-1][positions], components[-1:]))  # this prompt's tokens + rest
+        assert relative_error(mine, alone.components[:, 0]) <= 1e-9
+        padding = [i for i in range(7) if i not in range(7)[positions]]
+        assert (components[padding] == 0).all()  # padding tokens contribute exactly nothing
+
+
+def test_model_is_untouched(llama) -> None:
+    model = copy.deepcopy(llama).train()
+    model.model.layers[0].register_forward_hook(lambda *a: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    config = model.config.to_dict()
+    hooks = len(model.model.layers[0]._forward_hooks)
+    decomposed = fxdepass.compile(model, dtype=torch.float64)
+    decomposed.attribute(torch.tensor([[1, 2, 3, 4]]))
+    decomposed.attribute(torch.tensor([[5, 6, 7]]), seed=fxdepass.tokens(sink=False))
+    assert model.training
+    assert model.config.to_dict() == config
+    assert len(model.model.layers[0]._forward_hooks) == hooks
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+def test_generated_code_is_readable(llama64) -> None:
+    code = llama64.code
+    for name in ("layers_1_mlp_down_proj_c", "layers_0_self_attn_o_proj_c", "layers_0_mlp_act_fn_silu_c", "lm_head_c"):
+        assert f"{name} = " in code, name
+    assert "layers_0_self_attn_q_proj_c" not in code  # queries feed only frozen probabilities
+    assert "rsqrt_c" not in code                         # norm statistics are frozen
+    assert isinstance(llama64.graph_module, torch.fx.GraphModule)
+
+
+def test_one_compile_serves_every_length(llama64) -> None:
+    for length in (2, 5, 13):
+        assert llama64.attribute(torch.arange(length).unsqueeze(0) % 50).reconstruction_error() <= 1e-9
+    assert list(llama64._captures) == [None]  # a single dynamic capture
+
+
+def test_single_token_prompt(llama64) -> None:
+    attribution = llama64.attribute(torch.tensor([[7]]))
+    assert attribution.components.shape[0] == 2
+    assert attribution.reconstruction_error() <= 1e-9
+
+
+@pytest.mark.parametrize("activation", ["softmax", "linear", "max"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_options_stay_exact(activation: str, attention: str) -> None:
+    model = families.build("llama", attention=attention, seed=2)
+    decomposed = fxdepass.compile(model, activation=activation, temperature=0.5, dtype=torch.float64)
+    attribution = decomposed.attribute(torch.tensor([[3, 1, 4, 1, 5, 9]]))
+    assert attribution.reconstruction_error() <= 1e-9
+
+
+def test_allocation_modes_give_different_attributions(llama) -> None:
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    scores = {mode: fxdepass.compile(llama, activation=mode, dtype=torch.float64).attribute(ids).scores()
+              for mode in ("softmax", "linear", "max")}
+    assert not torch.allclose(scores["softmax"], scores["linear"])
+    assert not torch.allclose(scores["softmax"], scores["max"])
+
+
+def test_eager_and_sdpa_attention_agree() -> None:
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    results = [fxdepass.compile(families.build("qwen2", attention=a, seed=5), dtype=torch.float64).attribute(ids)
+               for a in ("sdpa", "eager")]
+    assert relative_error(results[0].components, results[1].components) <= 1e-9
+
+
+def test_scores_labels_and_targets(llama64) -> None:
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    attribution = llama64.attribute(ids, targets=[7])
+    assert attribution.labels == ["tok 0 '3'", "tok 1 '1'", "tok 2 '4'", "tok 3 '1'", "tok 4 '5'", "rest"]
+    scores = attribution.scores()
+    torch.testing.assert_close(scores.sum(), attribution.total[0, -1, 7])
+    default = llama64.attribute(ids).scores()
+    torch.testing.assert_close(default.sum(), attribution.total[0, -1].max())
+    assert [label for label, _ in attribution.top(2)] == [attribution.labels[i] for i in scores.abs().argsort(descending=True)[:2]]
+
+
+def test_float32_default_dtype(llama) -> None:
+    attribution = fxdepass.compile(llama).attribute(torch.tensor([[3, 1, 4, 1, 5]]))
+    assert attribution.components.dtype == torch.float32
+    assert attribution.reconstruction_error() <= 1e-4
+
+
+def test_encoder_reads_out_last_hidden_state() -> None:
+    model = families.build("bert", seed=1)
+    decomposed = fxdepass.compile(model, dtype=torch.float64)
+    ids = torch.tensor([[2, 7, 1, 8, 2, 8]])
+    attribution = decomposed.attribute(ids, readout="hidden")
+    assert attribution.reconstruction_error() <= 1e-9
+    with torch.no_grad():
+        reference = model(input_ids=ids).last_hidden_state
+    assert relative_error(attribution.total, reference.double()) <= 1e-5
+    with pytest.raises(fxdepass.InvalidReadoutError, match="readout='hidden'"):
+        decomposed.attribute(ids)
+
+
+def test_bad_inputs_raise_clear_errors(llama64) -> None:
+    with pytest.raises(fxdepass.InvalidInputError, match="input_ids must lie in"):
+        llama64.attribute(torch.tensor([[1, 2, 999]]))
+    with pytest.raises(fxdepass.InvalidInputError, match="non-empty"):
+        llama64.attribute(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(fxdepass.InvalidInputError, match="integer token ids"):
+        llama64.attribute(torch.ones(1, 3))
+    with pytest.raises(fxdepass.InvalidInputError, match="attention_mask shape"):
+        llama64.attribute(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    with pytest.raises(fxdepass.InvalidReadoutError, match="unknown readout"):
+        llama64.attribute(torch.tensor([[1, 2, 3]]), readout="nope")
+    with pytest.raises(fxdepass.InvalidInputError, match="outside the vocabulary"):
+        llama64.attribute(torch.tensor([[1, 2, 3]])).scores(target=10_000)
+    with pytest.raises(fxdepass.InvalidInputError, match="activation="):
+        fxdepass.compile(families.build("llama"), activation="mean")
+    assert issubclass(fxdepass.InvalidInputError, fxdepass.FxDePassError)
+
+
+class _Atan(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.atan(x)
+
+
+def test_unsupported_op_is_reported_at_compile_time() -> None:
+    model = families.build("llama", seed=0)
+    model.model.layers[1].mlp.act_fn = _Atan()
+    with pytest.raises(fxdepass.UnsupportedOpError) as error:
+        fxdepass.compile(model)
+    message = str(error.value)
+    assert "aten.atan.default" in message
+    assert "model.layers.1.mlp.act_fn" in message
+    assert "return torch.atan(x)" in message          # the source line
+    assert "register_rule" in message and "deflinear" in message
