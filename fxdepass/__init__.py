@@ -7,7 +7,8 @@
 """
 from fxdepass import rules  # noqa: F401  (fills the rule table)
 
-from .api import Attribution, DecomposedModel, compile
+from .ablation import ablate
+from .api import Attribution, DecomposedModel, GeneratedAttribution, compile
 from .errors import (
     CaptureError,
     FxDePassError,
@@ -16,10 +17,27 @@ from .errors import (
     InvalidSeedError,
     UnsupportedOpError,
 )
-from .seeds import Seed, Tokens, tokens
+from .seeds import (
+    Custom,
+    Heads,
+    Modules,
+    Neurons,
+    Seed,
+    Subspace,
+    Tokens,
+    custom,
+    heads,
+    modules,
+    neurons,
+    orthogonal_projector,
+    subspace,
+    tokens,
+)
 
 __all__ = [
-    "compile", "DecomposedModel", "Attribution", "tokens", "Tokens", "Seed",
+    "compile", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
+    "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
+    "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",
     "InvalidInputError",
 ]

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from .errors import InvalidReadoutError, UnsupportedOpError, node_location
+from .errors import UnsupportedOpError, node_location
 from .registry import Kind, OpRule, lookup
 
 __all__ = ["NodeInfo", "Analysis", "analyse", "normalize_args", "leaves_by_position"]
@@ -157,26 +157,23 @@ def _same_root(
     return NodeInfo(LINEAR, root, tuple(sorted(linear_in)), rule)
 
 
-def analyse(graph: torch.fx.Graph, seed: torch.fx.Node, readouts: Iterable[torch.fx.Node]) -> Analysis:
-    """Classify every node downstream of ``seed`` and find those whose components reach ``readouts``."""
-    info: dict[torch.fx.Node, NodeInfo] = {seed: NodeInfo(SEED, root=seed)}
-    started = False
+def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Iterable[torch.fx.Node]) -> Analysis:
+    """Classify every node downstream of the ``seeds`` and find those whose components reach ``readouts``.
+
+    A seed downstream of another seed starts afresh (``modules(layer)`` seeds the attention output and
+    the MLP output).  Readouts the seeds cannot reach are left out of ``needed``: all of their value is rest.
+    """
+    seeds = set(seeds)
+    info: dict[torch.fx.Node, NodeInfo] = {}
     for node in graph.nodes:
-        started = started or node is seed
-        if not started or node is seed or node.op != "call_function":
-            continue
-        classified = _classify(node, info)
-        if classified is not None:
-            info[node] = classified
+        if node in seeds:
+            info[node] = NodeInfo(SEED, root=node)
+        elif info and node.op == "call_function":
+            classified = _classify(node, info)
+            if classified is not None:
+                info[node] = classified
     needed: set[torch.fx.Node] = set()
-    pending = []
-    for readout in readouts:
-        if readout not in info or not info[readout].decomposable:
-            raise InvalidReadoutError(
-                f"readout {readout.name} ({node_location(readout)}) does not depend on the seed's components; "
-                "choose a readout downstream of the seed"
-            )
-        pending.append(readout)
+    pending = [r for r in readouts if r in info and info[r].decomposable]
     while pending:
         node = pending.pop()
         if node in needed:

@@ -9,12 +9,13 @@ import torch.fx
 
 from .capture import CapturedModel, capture, cast_floats, model_inputs
 from .errors import CaptureError, InvalidInputError, InvalidReadoutError
-from .readouts import READOUTS, locate_readout
+from .locations import Locations
+from .readouts import readout_nodes
 from .rewrite import Policy, build_module
-from .seeds import Seed, tokens
+from .seeds import Seed, Tokens, tokens
 from fxdepass.rules.activations import ALLOCATIONS
 
-__all__ = ["compile", "DecomposedModel", "Attribution"]
+__all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
 
 @dataclasses.dataclass
@@ -34,6 +35,8 @@ class Attribution:
     input_ids: torch.Tensor
     readout: str
     targets: torch.Tensor | None = None
+    #: axis of ``components`` that indexes components (1 for the ``"layers"`` readout, else 0)
+    component_axis: int = 0
 
     def scores(self, target: int | Sequence[int] | torch.Tensor | None = None, position: int = -1) -> torch.Tensor:
         """Each component's contribution to the ``target`` logit at ``position``.
@@ -60,7 +63,7 @@ class Attribution:
 
     def reconstruction_error(self) -> float:
         """Max relative error of the sum of components against the real value (same precision policy)."""
-        error = (self.components.sum(0) - self.total).abs().max()
+        error = (self.components.sum(self.component_axis) - self.total).abs().max()
         scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
         return float(error / scale)
 
@@ -95,12 +98,14 @@ class DecomposedModel:
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.dtype = dtype or self.model_dtype
+        self._explicit_dtype = dtype is not None
         self.input_names = model_inputs(model)
         if "input_ids" not in self.input_names:
             raise CaptureError(f"{type(model).__name__}.forward takes no input_ids")
         self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self._captures: dict[Any, CapturedModel] = {}
-        self._modules: dict[Any, tuple[torch.fx.GraphModule, list[str]]] = {}
+        self._modules: dict[Any, tuple[torch.fx.GraphModule, list[int]]] = {}
+        self._locations: dict[int, Locations] = {}
         example = self._inputs(self._example_ids(example_inputs))
         self._dynamic = True
         self._capture(example)
@@ -126,7 +131,7 @@ class DecomposedModel:
                 raise
             self._dynamic, key = False, (batch, length)
             captured = capture(self.model, inputs, dynamic=False)
-        if self.dtype != self.model_dtype:
+        if self._explicit_dtype or self.dtype == torch.float64:  # SPEC §5: no casts to lower precision
             cast_floats(captured.graph, self.dtype)
             captured.tensors = {
                 name: (target, t.detach().to(self.dtype) if t.is_floating_point() else t)
@@ -135,13 +140,22 @@ class DecomposedModel:
         self._captures[key] = captured
         return captured
 
-    def _module(self, captured: CapturedModel, seed: Seed, readout: str) -> torch.fx.GraphModule:
-        key = (id(captured), seed, readout)
+    def locations_of(self, captured: CapturedModel) -> Locations:
+        """The :class:`~fxdepass.locations.Locations` of one capture."""
+        if id(captured) not in self._locations:
+            self._locations[id(captured)] = Locations(captured, self.model)
+        return self._locations[id(captured)]
+
+    def _module(self, captured: CapturedModel, seed: Seed, readouts: tuple[str, ...]) -> tuple[torch.fx.GraphModule, list[int]]:
+        """The generated module for ``seed`` and ``readouts``, and how many outputs each readout has."""
+        key = (id(captured), seed, readouts)
         if key not in self._modules:
-            seed_node = seed.locate(captured, self.model)
-            readout_node = locate_readout(readout, captured, self.model)
+            where = self.locations_of(captured)
+            points = seed.points(where)
+            groups = [readout_nodes(r, where) for r in readouts]
             prefix = getattr(self.model, "base_model_prefix", "")
-            self._modules[key] = build_module(captured, seed, seed_node, readout_node, self.policy, prefix)
+            module = build_module(captured, seed, points, [n for g in groups for n in g], self.policy, prefix)
+            self._modules[key] = (module, [len(g) for g in groups])
         return self._modules[key]
 
     @property
@@ -153,12 +167,16 @@ class DecomposedModel:
     def graph_module(self) -> torch.fx.GraphModule:
         """The generated module for token-level attribution of the default readout."""
         captured = next(iter(self._captures.values()))
-        return self._module(captured, tokens(), self.default_readout)
+        return self._module(captured, tokens(), (self.default_readout,))[0]
 
     @property
     def code(self) -> str:
         """The generated Python code of :attr:`graph_module`."""
         return self.graph_module.code
+
+    def locations(self) -> list[str]:
+        """Every module path a seed or readout can address, in execution order."""
+        return self.locations_of(next(iter(self._captures.values()))).paths()
 
     # -- attribution ---------------------------------------------------------------------------
 
@@ -192,10 +210,13 @@ class DecomposedModel:
         *,
         attention_mask: Any = None,
         seed: Seed | None = None,
-        readout: str = "logits",
+        readout: str | Sequence[str] = "logits",
         targets: Any = None,
-    ) -> Attribution:
+    ) -> Attribution | dict[str, Attribution]:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
+
+        Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are
+        returned as a dict of attributions.
 
         >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
         ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
@@ -204,16 +225,92 @@ class DecomposedModel:
         seed = tokens() if seed is None else seed
         if not isinstance(seed, Seed):
             raise InvalidInputError(f"seed must be an fxdepass seed such as fxdepass.tokens(), got {seed!r}")
-        if readout not in READOUTS:
-            raise InvalidReadoutError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+        names = (readout,) if isinstance(readout, str) else tuple(readout)
+        if not names:
+            raise InvalidReadoutError("give at least one readout")
         ids = self._validate_ids(input_ids)
+        if isinstance(seed, Tokens):
+            seed.check(ids.shape[1])
         inputs = self._inputs(ids, attention_mask)
         captured = self._capture(inputs)
-        module = self._module(captured, seed, readout)
+        module, counts = self._module(captured, seed, names)
         with torch.no_grad():
-            total, components = module(*[inputs[name] for name in captured.inputs])
+            outputs = module(*[inputs[name] for name in captured.inputs])
+        labels = seed.labels(ids, self.locations_of(captured), self.tokenizer)
         target_tensor = None if targets is None else torch.as_tensor(targets).long()
-        return Attribution(components, total, seed.labels(ids, self.tokenizer), ids, readout, target_tensor)
+        results, start = {}, 0
+        for name, count in zip(names, counts):
+            pairs = outputs[start:start + count]
+            start += count
+            if name == "layers":
+                total, components = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                results[name] = Attribution(components, total, labels, ids, name, target_tensor, component_axis=1)
+            else:
+                results[name] = Attribution(pairs[0][1], pairs[0][0], labels, ids, name, target_tensor)
+        return results[names[0]] if isinstance(readout, str) else results
+
+    def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, **generate_kwargs: Any) -> "GeneratedAttribution":
+        """Generate text (greedy unless sampling kwargs say otherwise) and attribute every generated
+        token's logit to the prompt tokens and the tokens generated before it, in one decomposed pass.
+
+        >>> result = decomposed.generate_attributed(ids, max_new_tokens=5)           # doctest: +SKIP
+        >>> result.scores(0)     # contributions to the first generated token's logit
+        """
+        ids = self._validate_ids(input_ids)
+        if ids.shape[0] != 1:
+            raise InvalidInputError("generate_attributed() takes one prompt at a time")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        config = getattr(self.model, "generation_config", None)
+        generate_kwargs.setdefault("do_sample", False)
+        if getattr(config, "pad_token_id", None) is None:
+            generate_kwargs.setdefault("pad_token_id", getattr(config, "eos_token_id", None) or 0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                sequence = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                               **generate_kwargs)
+        finally:
+            self.model.train(was_training)
+        sequence = sequence[:, : ids.shape[1] + max_new_tokens].cpu()
+        attribution = self.attribute(sequence[:, :-1])
+        return GeneratedAttribution(sequence, ids.shape[1], attribution)
+
+
+@dataclasses.dataclass
+class GeneratedAttribution:
+    """Attribution of generated text: for generated token ``t`` (at ``sequence[0, prompt_length + t]``),
+    the contributions of every earlier token (prompt and generated) and rest to its logit."""
+
+    sequence: torch.Tensor
+    prompt_length: int
+    attribution: Attribution
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """The generated token ids."""
+        return self.sequence[0, self.prompt_length:]
+
+    def scores(self, step: int) -> torch.Tensor:
+        """Contributions to generated token ``step``'s logit: ``[sequence length before it + 1]`` (rest last)."""
+        count = len(self.generated)
+        if not -count <= step < count:
+            raise InvalidInputError(f"step {step} is outside the {count} generated tokens")
+        step %= count
+        position = self.prompt_length - 1 + step
+        values = self.attribution.scores(int(self.generated[step]), position=position)
+        return torch.cat((values[: position + 1], values[-1:]))
+
+    def logit(self, step: int) -> float:
+        """The real logit of generated token ``step``."""
+        step %= len(self.generated)
+        return float(self.attribution.total[0, self.prompt_length - 1 + step, int(self.generated[step])])
+
+    def labels(self, step: int) -> list[str]:
+        """Labels of :meth:`scores`'s entries."""
+        step %= len(self.generated)
+        return self.attribution.labels[: self.prompt_length + step] + ["rest"]
 
 
 def compile(

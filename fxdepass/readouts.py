@@ -1,21 +1,25 @@
-"""Readouts: the values whose components an attribution returns.
+"""Readouts: the values whose components an attribution returns (SPEC §3).
 
-* ``"logits"``: the model's logits (all positions and vocabulary entries; ``targets`` pick entries);
+* ``"logits"``: the model's logits (every position and vocabulary entry);
 * ``"hidden"``: the final hidden state with the final norm applied (its scale frozen): the input of
-  the language-model head, or an encoder's ``last_hidden_state``.
+  the language-model head, or an encoder's ``last_hidden_state``;
+* ``"layers"``: the residual stream entering the first block and leaving every block (no final norm),
+  stacked on a leading layer axis: ``[layers + 1, components, …]``;
+* any module path (``DecomposedModel.locations()`` lists them): that module's output.
+
+Several readouts come from one decomposed pass.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from .capture import CapturedModel
-from .errors import InvalidReadoutError
-from .seeds import module_path
+from .errors import InvalidReadoutError, InvalidSeedError
+from .locations import Locations, module_path
 
-__all__ = ["READOUTS", "locate_readout"]
+__all__ = ["READOUTS", "readout_nodes"]
 
-READOUTS = ("logits", "hidden")
+READOUTS = ("logits", "hidden", "layers")
 
 
 def _head_path(model: torch.nn.Module) -> str | None:
@@ -26,21 +30,30 @@ def _head_path(model: torch.nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
-def locate_readout(readout: str, captured: CapturedModel, model: torch.nn.Module) -> torch.fx.Node:
-    """The node of ``captured``'s graph holding ``readout``."""
+def readout_nodes(readout: str, where: Locations) -> list[torch.fx.Node]:
+    """The nodes of the captured graph holding ``readout`` (one, or one per layer for ``"layers"``)."""
+    captured, model = where.captured, where.model
+    if not isinstance(readout, str):
+        raise InvalidReadoutError(f"a readout is a name or a module path, got {readout!r}")
     if readout == "logits":
         if "logits" not in captured.outputs:
             raise InvalidReadoutError(
                 f"{type(model).__name__} returns no logits (its outputs: {sorted(captured.outputs)}); use readout='hidden'"
             )
-        return captured.outputs["logits"]
+        return [captured.outputs["logits"]]
     if readout == "hidden":
         head = _head_path(model)
         if head is not None:
-            for node in captured.graph.nodes:
-                if node.op == "call_function" and module_path(node) == head:
-                    return node.all_input_nodes[0]
+            for node in where.nodes:
+                if module_path(node) == head:
+                    return [node.all_input_nodes[0]]
         if "last_hidden_state" in captured.outputs:
-            return captured.outputs["last_hidden_state"]
+            return [captured.outputs["last_hidden_state"]]
         raise InvalidReadoutError(f"could not find the final hidden state of {type(model).__name__}")
-    raise InvalidReadoutError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+    try:
+        if readout == "layers":
+            return [where.residual_entering(0)] + [where.block_output(i) for i in range(len(where.blocks))]
+        return [where.module_output(readout)]
+    except InvalidSeedError as error:
+        raise InvalidReadoutError(f"unknown readout {readout!r}: choose one of {READOUTS} or a module path "
+                                  f"from DecomposedModel.locations() ({error})") from None

@@ -47,6 +47,7 @@ __all__ = [
     "defactivation",
     "register_rule",
     "add_to_rest",
+    "rest_only",
     "lookup",
 ]
 
@@ -182,3 +183,14 @@ def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> tor
     """
     rest = (components[-1] + constant).unsqueeze(0)
     return torch.cat((components[:-1].expand(-1, *rest.shape[1:]), rest))
+
+
+def rest_only(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Components of a value no source reaches: all of it in rest, as many components as ``like`` has.
+
+    >>> rest_only(torch.ones(2), like=torch.zeros(4, 2))[:, 0]
+    tensor([0., 0., 0., 1.])
+    """
+    out = value.new_zeros(like.shape[0], *value.shape)
+    out[-1] = value
+    return out

@@ -20,11 +20,12 @@ from fxdepass.rules.activations import allocate
 from fxdepass.rules.linear import linear_map
 from fxdepass.rules.products import symmetric_product
 
-from .analysis import ACTIVATION, GATE, PRODUCT, SEED, Analysis, analyse, normalize_args
+from .analysis import ACTIVATION, GATE, PRODUCT, Analysis, analyse, normalize_args
 from .capture import CapturedModel
-from .errors import FxDePassError, node_location
-from .registry import Kind
-from .seeds import Seed, module_path, sink_positions
+from .errors import FxDePassError, InvalidReadoutError, node_location
+from .registry import Kind, rest_only
+from .locations import module_path
+from .seeds import Seed, SeedPoint, sink_of
 
 __all__ = ["Policy", "build_module"]
 
@@ -69,21 +70,29 @@ def _axes(captured: CapturedModel, node: torch.fx.Node) -> dict[str, int | None]
     }
 
 
+def _literal(value: Any) -> bool:
+    """Whether ``value`` can appear as a literal in generated code."""
+    if isinstance(value, (list, tuple)):
+        return all(_literal(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
 def build_module(
     captured: CapturedModel,
     seed: Seed,
-    seed_node: torch.fx.Node,
-    readout: torch.fx.Node,
+    points: list[SeedPoint],
+    readouts: list[torch.fx.Node],
     policy: Policy,
     prefix: str = "",
 ) -> torch.fx.GraphModule:
-    """Generate the decomposed module: ``forward(*inputs) -> (real readout, readout components)``."""
-    analysis = analyse(captured.graph, seed_node, [readout])
+    """Generate the decomposed module: ``forward(*inputs) -> ((real, components) per readout)``."""
+    analysis = analyse(captured.graph, [p.node for p in points], readouts)
+    starts = {p.node: p for p in points}
     graph = torch.fx.Graph()
     namer = _Namer(prefix)
     real: dict[torch.fx.Node, torch.fx.Node] = {}
     parts: dict[torch.fx.Node, torch.fx.Node] = {}
-    attributes: dict[str, torch.Tensor] = {}
+    attributes: dict[str, Any] = {}
     sink: torch.fx.Node | None = None
     for node in captured.graph.nodes:
         if node.op == "placeholder":
@@ -96,26 +105,42 @@ def build_module(
             continue
         if node.op == "output":
             break
-        if seed.sink and sink is None:
-            inputs = {n.name: real[n] for n in real if n.op == "placeholder" and n in real}
-            sink = graph.call_function(sink_positions, (inputs["input_ids"], inputs.get("attention_mask")))
+        if seed.sink_kwargs() is not None and sink is None:
+            inputs = {n.name: real[n] for n in real if n.op == "placeholder"}
+            sink = graph.call_function(sink_of, (inputs["input_ids"], inputs.get("attention_mask")), seed.sink_kwargs())
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: real[n])
         real[node] = graph.create_node(node.op, node.target, args, kwargs, name=namer.node(node))
         real[node].meta = dict(node.meta)
         if node in analysis.info:
             real[node].meta["fxdepass"] = analysis.info[node]
         if node in analysis.needed:
-            try:
-                emitted = _emit(node, analysis, real, parts, seed, captured, policy, sink)
-            except FxDePassError:
-                raise
-            except Exception as error:
-                raise FxDePassError(f"could not decompose {node.name} at {node_location(node)}: {error}") from error
-            parts[node] = graph.create_node(
-                "call_function", emitted[0], emitted[1], emitted[2], name=real[node].name + "_c"
-            )
+            if node in starts:
+                point = starts[node]
+                kwargs = dict(point.kwargs)
+                for key, value in point.kwargs.items():
+                    if not _literal(value):  # tensors and functions become attributes of the module
+                        attributes[f"seed_{key}"] = value
+                        kwargs[key] = graph.create_node("get_attr", f"seed_{key}", name=f"seed_{key}")
+                emitted = (point.split, (real[node],), kwargs)
+            else:
+                try:
+                    emitted = _emit(node, analysis, real, parts, captured, policy, sink)
+                except FxDePassError:
+                    raise
+                except Exception as error:
+                    raise FxDePassError(f"could not decompose {node.name} at {node_location(node)}: {error}") from error
+            parts[node] = graph.create_node("call_function", *emitted, name=real[node].name + "_c")
             parts[node].meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    graph.output((real[readout], parts[readout]))
+    first = next((parts[p.node] for p in points if p.node in parts), None)
+    outputs = []
+    for readout in readouts:
+        if readout in parts:
+            outputs.append((real[readout], parts[readout]))
+        elif first is None:
+            raise InvalidReadoutError("no readout depends on the seed")
+        else:  # upstream of the seed or frozen: all of it is rest
+            outputs.append((real[readout], graph.call_function(rest_only, (real[readout],), {"like": first})))
+    graph.output(tuple(outputs))
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(attributes, graph, class_name="DecomposedForward")
     module.meta["fxdepass_analysis"] = analysis
@@ -127,16 +152,12 @@ def _emit(
     analysis: Analysis,
     real: dict[torch.fx.Node, torch.fx.Node],
     parts: dict[torch.fx.Node, torch.fx.Node],
-    seed: Seed,
     captured: CapturedModel,
     policy: Policy,
     sink: torch.fx.Node | None,
 ) -> tuple[Any, tuple, dict]:
     """The call (function, args, kwargs) computing ``node``'s components."""
     info = analysis.info[node]
-    if info.flavour == SEED:
-        split, kwargs = seed.split_call(captured, node)
-        return split, (real[node],), kwargs
     if info.flavour in (ACTIVATION, GATE):
         kwargs = {"mode": policy.activation, "temperature": policy.temperature}
         if sink is not None:

@@ -1,154 +1,395 @@
-"""Seeds: where the decomposition starts and how the value there is split into components.
+"""Seeds: where the decomposition starts and how the value there is split into components (SPEC §3).
 
-A seed knows how to find its location in a captured graph (by module path, from ``nn_module_stack``),
-how to split the real value there (a function the generated graph calls), and how to name its
-components.  The last component is always *rest*.
+A seed names one or more *points* of the model by module path (found through
+:class:`fxdepass.locations.Locations`) and, for each, a function the generated graph calls on the real
+value there to split it.  Everything upstream of the points is constant.  The last component is
+always *rest*: what no chosen source explains (biases, the residual stream before the seed, …).
+
+>>> fxdepass.tokens()                          # one component per input position (the default)
+>>> fxdepass.heads(3)                          # layer 3's attention heads
+>>> fxdepass.neurons(-1, group_size=64)        # last layer's MLP neurons, in groups of 64
+>>> fxdepass.modules(0)                        # layer 0's attention and MLP outputs
+>>> fxdepass.subspace(2, [fxdepass.orthogonal_projector(probe.weight.T)])
+>>> fxdepass.custom("model.layers.1.mlp", where="output", split=my_split)
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
 
 from .capture import CapturedModel
 from .errors import InvalidSeedError
+from .locations import Locations
 
-__all__ = ["Seed", "Tokens", "tokens", "split_positions", "sink_positions", "block_paths", "module_path"]
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """The innermost module path of ``node`` (``"model.layers.0.mlp"``), or ``""`` at top level."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return "" if path.startswith("_empty_nn_module_stack") else path
+__all__ = [
+    "Seed", "SeedPoint", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
+    "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
+    "split_groups", "split_features", "as_component", "split_subspaces", "checked_split", "sink_of",
+]
 
 
-def _in_module(node: torch.fx.Node, path: str) -> bool:
-    return any(p == path for p, _ in (node.meta.get("nn_module_stack") or {}).values())
+@dataclasses.dataclass(frozen=True)
+class SeedPoint:
+    """One place where components start: ``split(value, **kwargs)`` gives them (rest last)."""
 
-
-def block_paths(model: torch.nn.Module) -> list[str]:
-    """Module paths of the model's transformer blocks, in order (``["model.layers.0", …]``).
-
-    Found from the structure, not from attribute names: the ``ModuleList`` holding as many modules
-    as the config has layers (the longest ``ModuleList`` when the config does not say).
-    """
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    matching = [(name, m) for name, m in lists if layers is None or len(m) == layers]
-    if not matching:
-        raise InvalidSeedError(f"could not find the transformer blocks of {type(model).__name__}")
-    name, blocks = max(matching, key=lambda item: len(item[1])) if layers is None else matching[0]
-    return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
-
-
-def residual_entering(captured: CapturedModel, block: str, hidden_size: int | None) -> torch.fx.Node:
-    """The node holding the residual stream that enters ``block``: a float tensor computed outside the
-    block, used inside it, that depends on the input ids (not only on positions or the mask)."""
-    graph = captured.graph
-    ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")
-    depends = {ids}
-    for node in graph.nodes:
-        # A SymInt (``sym_size``) carries the shape, not the data: it does not propagate dependence.
-        if node.op == "call_function" and isinstance(node.meta.get("val"), (torch.Tensor, list, tuple)):
-            if any(a in depends for a in node.all_input_nodes):
-                depends.add(node)
-    candidates = []
-    for node in graph.nodes:
-        if node.op != "call_function" or not _in_module(node, block):
-            continue
-        for arg in node.all_input_nodes:
-            if arg in depends and arg is not ids and not _in_module(arg, block) and _is_float_tensor(arg) and arg not in candidates:
-                candidates.append(arg)
-    if hidden_size is not None:
-        candidates = [c for c in candidates if c.meta["val"].shape[-1] == hidden_size] or candidates
-    if not candidates:
-        raise InvalidSeedError(f"could not find the residual stream entering {block}")
-    return candidates[0]
-
-
-def _is_float_tensor(node: torch.fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+    node: torch.fx.Node
+    split: Callable[..., torch.Tensor]
+    kwargs: dict[str, Any]
 
 
 class Seed:
-    """Base class of seeds.  Subclasses are frozen dataclasses (hashable: the compiled graph is cached per seed)."""
+    """Base class of seeds.  Seeds are frozen dataclasses: the compiled graph is cached per seed."""
 
-    #: whether the sink-token option applies to activation allocation
+    #: whether SPEC §2's sink-token option applies to activation allocation
     sink: bool = False
 
-    def locate(self, captured: CapturedModel, model: torch.nn.Module) -> torch.fx.Node:
+    def points(self, where: Locations) -> list[SeedPoint]:
         raise NotImplementedError
 
-    def split_call(self, captured: CapturedModel, node: torch.fx.Node) -> tuple[Any, dict[str, Any]]:
-        """The function the generated graph calls on the real value at the seed, and its keyword arguments."""
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         raise NotImplementedError
 
-    def labels(self, input_ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
-        raise NotImplementedError
+    def sink_kwargs(self) -> dict[str, Any] | None:
+        """Keyword arguments of :func:`sink_of` when the sink option is on, else ``None``."""
+        return None
+
+
+def _token_text(token: int, tokenizer: Any) -> str:
+    return repr(tokenizer.decode([token])) if tokenizer is not None else repr(str(token))
 
 
 @dataclasses.dataclass(frozen=True)
 class Tokens(Seed):
-    """Token-level seed: one component per input position, at the residual stream entering the first block.
+    """Token-level seed at the residual stream entering the first block.
 
+    One component per position by default, per listed position with ``positions``, or per group with
+    ``groups`` (a list of position lists, or a mapping name → positions); unlisted positions go to rest.
     ``sink=True`` gives the first attended position's component no share of activations at other
     positions (the paper's ``ignore_special_token``; rules/activations.py Note [Activation allocation]).
 
-    >>> attribution = decomposed.attribute(ids, seed=fxdepass.tokens(sink=False))  # doctest: +SKIP
+    >>> decomposed.attribute(ids, seed=fxdepass.tokens(groups={"context": range(0, 9), "question": range(9, 14)}))  # doctest: +SKIP
     """
 
+    positions: tuple[int, ...] | None = None
+    groups: Any = None
     sink: bool = True
+    group_names: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
-    def locate(self, captured: CapturedModel, model: torch.nn.Module) -> torch.fx.Node:
-        first = block_paths(model)[0]
-        return residual_entering(captured, first, getattr(getattr(model, "config", None), "hidden_size", None))
+    def __post_init__(self) -> None:
+        if self.positions is not None and self.groups is not None:
+            raise InvalidSeedError("tokens(): give positions or groups, not both")
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+            object.__setattr__(self, "groups", tuple((p,) for p in self.positions))
+        elif isinstance(self.groups, Mapping):
+            object.__setattr__(self, "group_names", tuple(str(k) for k in self.groups))
+            object.__setattr__(self, "groups", tuple(tuple(int(p) for p in v) for v in self.groups.values()))
+        elif self.groups is not None:
+            object.__setattr__(self, "groups", tuple(tuple(int(p) for p in g) for g in self.groups))
+        if self.groups is not None and (not self.groups or any(len(g) == 0 for g in self.groups)):
+            raise InvalidSeedError("tokens(): every group needs at least one position")
 
-    def split_call(self, captured: CapturedModel, node: torch.fx.Node) -> tuple[Any, dict[str, Any]]:
-        axis = captured.axis_of(node, captured.sequence_length)
+    def points(self, where: Locations) -> list[SeedPoint]:
+        node = where.residual_entering(0)
+        axis = where.captured.axis_of(node, where.captured.sequence_length)
         if axis is None:
             raise InvalidSeedError(f"the value at the token seed ({node.name}) has no sequence axis")
-        return split_positions, {"position_axis": axis}
+        return [SeedPoint(node, split_groups, {"position_axis": axis, "groups": self.groups})]
 
-    def labels(self, input_ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
-        ids = input_ids[0] if input_ids.ndim == 2 else input_ids
+    def sink_kwargs(self) -> dict[str, Any] | None:
+        return {"groups": self.groups} if self.sink else None
+
+    def check(self, length: int) -> None:
+        """Raise if a listed position is outside a prompt of ``length`` tokens."""
+        for group in self.groups or ():
+            for p in group:
+                if not -length <= p < length:
+                    raise InvalidSeedError(f"tokens(): position {p} is outside a prompt of {length} tokens")
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        ids = input_ids[0].tolist()
+        if self.groups is None:
+            return [f"tok {p} {_token_text(t, tokenizer)}" for p, t in enumerate(ids)] + ["rest"]
         names = []
-        for position, token in enumerate(ids.tolist()):
-            text = tokenizer.decode([token]) if tokenizer is not None else str(token)
-            names.append(f"tok {position} {text!r}")
+        for i, group in enumerate(self.groups):
+            positions = [p % len(ids) for p in group]
+            if self.group_names is not None:
+                names.append(self.group_names[i])
+            elif len(positions) == 1:
+                names.append(f"tok {positions[0]} {_token_text(ids[positions[0]], tokenizer)}")
+            else:
+                names.append("toks " + ",".join(map(str, positions)))
         return names + ["rest"]
 
 
-def tokens(sink: bool = True) -> Tokens:
-    """Token-level seed (the default): one component per input position; see :class:`Tokens`."""
-    return Tokens(sink=sink)
+@dataclasses.dataclass(frozen=True)
+class Heads(Seed):
+    """The input of layer ``layer``'s attention output projection, split by head (GQA, fused qkv and
+    parallel blocks alike: the split is over the projection's input features)."""
+
+    layer: int
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        projection = where.output_projection(self.layer)
+        return [SeedPoint(Locations.features(projection), split_features, {"groups": _count(where.num_heads, "heads")})]
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        layer = where.layer(self.layer)
+        return [f"L{layer}H{h}" for h in range(where.num_heads)] + ["rest"]
 
 
-def split_positions(value: torch.Tensor, *, position_axis: int) -> torch.Tensor:
-    """Split ``value`` by position: component ``p`` is ``value`` at position ``p`` and zero elsewhere.
+def _count(value: int | None, what: str) -> int:
+    if not value:
+        raise InvalidSeedError(f"the model's config does not say how many {what} it has")
+    return value
 
-    >>> split_positions(torch.ones(1, 3, 2), position_axis=1).shape   # 3 positions + rest
+
+@dataclasses.dataclass(frozen=True)
+class Neurons(Seed):
+    """The input of layer ``layer``'s MLP down projection, one component per neuron (or per
+    ``group_size`` consecutive neurons of ``indices``); neurons left out go to rest."""
+
+    layer: int
+    indices: tuple[int, ...] | None = None
+    group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.indices is not None:
+            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise InvalidSeedError(f"neurons(): group_size must be a positive integer, got {self.group_size!r}")
+
+    def _selection(self, width: int) -> tuple[tuple[int, ...], ...]:
+        indices = self.indices if self.indices is not None else tuple(range(width))
+        for i in indices:
+            if not -width <= i < width:
+                raise InvalidSeedError(f"neurons(): neuron {i} is out of range (the MLP has {width} neurons)")
+        indices = tuple(i % width for i in indices)
+        return tuple(indices[i:i + self.group_size] for i in range(0, len(indices), self.group_size))
+
+    def _width(self, where: Locations) -> int:
+        return int(Locations.features(where.down_projection(self.layer)).meta["val"].shape[-1])
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        node = Locations.features(where.down_projection(self.layer))
+        return [SeedPoint(node, split_features, {"groups": self._selection(self._width(where))})]
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        layer = where.layer(self.layer)
+        groups = self._selection(self._width(where))
+        return [f"L{layer}N{g[0]}" if len(g) == 1 else f"L{layer}N{g[0]}-{g[-1]}" for g in groups] + ["rest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Modules(Seed):
+    """Layer ``layer``'s attention output and MLP output; rest is the residual stream entering it."""
+
+    layer: int
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        return [SeedPoint(where.output_projection(self.layer), as_component, {"index": 0, "count": 2}),
+                SeedPoint(where.down_projection(self.layer), as_component, {"index": 1, "count": 2})]
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        layer = where.layer(self.layer)
+        return [f"L{layer} attention", f"L{layer} mlp", "rest"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subspace(Seed):
+    """The residual stream entering ``layer`` split by projection matrices ``P_k`` (``[d, d]`` each):
+    components ``P_k x``; rest ``(I − Σ P_k) x``.  Projectors need not be orthogonal."""
+
+    layer: int
+    projectors: tuple[torch.Tensor, ...]
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        projectors = tuple(torch.as_tensor(p) for p in self.projectors)
+        if not projectors:
+            raise InvalidSeedError("subspace(): give at least one projector")
+        for k, p in enumerate(projectors):
+            if p.ndim != 2 or p.shape[0] != p.shape[1]:
+                raise InvalidSeedError(f"subspace(): projector {k} must be a square [d, d] matrix, got shape {tuple(p.shape)}")
+        object.__setattr__(self, "projectors", projectors)
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        node = where.residual_entering(self.layer)
+        width = node.meta["val"].shape[-1]
+        for k, p in enumerate(self.projectors):
+            if p.shape[0] != width:
+                raise InvalidSeedError(f"subspace(): projector {k} is {tuple(p.shape)} but the residual stream has width {width}")
+        return [SeedPoint(node, split_subspaces, {"projectors": torch.stack(self.projectors)})]
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        return list(self.names or [f"subspace {k}" for k in range(len(self.projectors))]) + ["rest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Custom(Seed):
+    """Any module's input or output, split by a user function returning ``[K, *value.shape]``
+    components; the sum is verified when the graph runs and the (tiny) remainder goes to rest."""
+
+    path: str
+    where: str = "output"
+    split: Callable[[torch.Tensor], torch.Tensor] | None = None
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.where not in ("input", "output"):
+            raise InvalidSeedError(f"custom(): where must be 'input' or 'output', got {self.where!r}")
+        if not callable(self.split):
+            raise InvalidSeedError("custom(): split must be a function returning the components")
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        node = where.module_input(self.path) if self.where == "input" else where.module_output(self.path)
+        return [SeedPoint(node, checked_split, {"split": self.split, "name": f"{self.path} ({self.where})"})]
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        if self.names is None:
+            raise InvalidSeedError("custom(): labels are known once the split has run")
+        return list(self.names) + ["rest"]
+
+
+def tokens(positions: Sequence[int] | None = None, groups: Any = None, sink: bool = True) -> Tokens:
+    """Token-level seed (the default); see :class:`Tokens`."""
+    return Tokens(positions=positions, groups=groups, sink=sink)
+
+
+def heads(layer: int) -> Heads:
+    """Per-head seed at layer ``layer`` (negative counts from the end); see :class:`Heads`."""
+    return Heads(layer)
+
+
+def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 1) -> Neurons:
+    """Per-neuron seed at layer ``layer``'s MLP; see :class:`Neurons`."""
+    return Neurons(layer, None if indices is None else tuple(indices), group_size)
+
+
+def modules(layer: int) -> Modules:
+    """Attention-output / MLP-output seed at layer ``layer``; see :class:`Modules`."""
+    return Modules(layer)
+
+
+def subspace(layer: int, projectors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> Subspace:
+    """Subspace seed on the residual stream entering ``layer``; see :class:`Subspace`."""
+    return Subspace(layer, tuple(projectors), None if names is None else tuple(names))
+
+
+def custom(path: str, where: str = "output", split: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           names: Sequence[str] | None = None) -> Custom:
+    """Seed at any module's input or output with a user ``split``; see :class:`Custom`."""
+    return Custom(path, where, split, None if names is None else tuple(names))
+
+
+def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projector ``Q Qᵀ`` onto the column space of ``basis`` (``[d, c]``), e.g. a probe's
+    weight matrix transposed.
+
+    >>> P = orthogonal_projector(torch.randn(16, 3)); torch.allclose(P @ P, P, atol=1e-6)
+    True
+    """
+    basis = torch.as_tensor(basis)
+    if basis.ndim != 2 or basis.shape[1] > basis.shape[0]:
+        raise InvalidSeedError(f"orthogonal_projector(): basis must be [d, c] with c ≤ d, got {tuple(basis.shape)}")
+    q, _ = torch.linalg.qr(basis.double())
+    return (q @ q.T).to(basis.dtype if basis.is_floating_point() else torch.float64)
+
+
+# -- functions the generated graph calls --------------------------------------------------------
+
+
+def split_groups(value: torch.Tensor, *, position_axis: int, groups: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
+    """Split ``value`` by position: one component per group of positions (default: per position);
+    positions in no group go to rest.
+
+    >>> split_groups(torch.ones(1, 3, 2), position_axis=1).shape   # 3 positions + rest
     torch.Size([4, 1, 3, 2])
     """
     count = value.shape[position_axis]
-    one_hot = torch.eye(count, dtype=value.dtype, device=value.device)
-    shape = [count] + [1] * value.ndim
-    shape[position_axis + 1] = count
-    parts = one_hot.reshape(shape) * value.unsqueeze(0)
-    return torch.cat((parts, torch.zeros_like(value).unsqueeze(0)))
+    if groups is None:
+        membership = torch.eye(count, dtype=value.dtype, device=value.device)
+    else:
+        membership = torch.zeros(len(groups), count, dtype=value.dtype, device=value.device)
+        for g, positions in enumerate(groups):
+            membership[g, [p % count for p in positions]] = 1.0
+    return _split_by_membership(value, membership, position_axis)
 
 
-def sink_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per prompt, the first attended position: the sink token (0 unless the prompt is left-padded).
+def _split_by_membership(value: torch.Tensor, membership: torch.Tensor, axis: int) -> torch.Tensor:
+    """Components ``value · membership[k]`` along ``axis``, then the rest ``value · (1 − covered)``."""
+    shape = [membership.shape[0]] + [1] * value.ndim
+    shape[axis + 1] = membership.shape[1]
+    parts = membership.reshape(shape) * value.unsqueeze(0)
+    covered = membership.sum(0).clamp_max(1.0).reshape(shape[1:])
+    return torch.cat((parts, (value * (1.0 - covered)).unsqueeze(0)))
 
-    >>> sink_positions(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 1, 1]]))
-    tensor([0, 1])
+
+def split_features(value: torch.Tensor, *, groups: int | tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Split the last (feature) axis: into ``groups`` equal slices (heads), or by index groups (neurons).
+
+    >>> split_features(torch.ones(2, 8), groups=4).shape            # 4 heads of 2 features + rest
+    torch.Size([5, 2, 8])
+    """
+    width = value.shape[-1]
+    if isinstance(groups, int):
+        membership = torch.eye(groups, dtype=value.dtype, device=value.device).repeat_interleave(width // groups, dim=1)
+    else:
+        membership = torch.zeros(len(groups), width, dtype=value.dtype, device=value.device)
+        for g, indices in enumerate(groups):
+            membership[g, list(indices)] = 1.0
+    return _split_by_membership(value, membership, value.ndim - 1)
+
+
+def as_component(value: torch.Tensor, *, index: int, count: int) -> torch.Tensor:
+    """All of ``value`` in component ``index`` of ``count`` (plus an empty rest)."""
+    out = value.new_zeros(count + 1, *value.shape)
+    out[index] = value
+    return out
+
+
+def split_subspaces(value: torch.Tensor, *, projectors: torch.Tensor) -> torch.Tensor:
+    """Components ``P_k x`` and rest ``x − Σ_k P_k x`` (projectors ``[K, d, d]`` act on the last axis)."""
+    parts = torch.einsum("kij,...j->k...i", projectors.to(value.dtype), value)
+    return torch.cat((parts, (value - parts.sum(0)).unsqueeze(0)))
+
+
+def checked_split(value: torch.Tensor, *, split: Callable[[torch.Tensor], torch.Tensor], name: str) -> torch.Tensor:
+    """Call a user's ``split`` and check that its components sum to ``value``; the remainder goes to rest."""
+    parts = torch.as_tensor(split(value))
+    if parts.shape[1:] != value.shape:
+        raise InvalidSeedError(f"custom seed at {name}: split returned shape {tuple(parts.shape)}, "
+                               f"expected [K, {', '.join(map(str, value.shape))}]")
+    remainder = value - parts.sum(0)
+    tolerance = 1e-6 if value.dtype in (torch.float32, torch.float64) else 1e-2
+    scale = value.abs().max().clamp_min(torch.finfo(value.dtype).tiny)
+    if float(remainder.abs().max() / scale) > (1e-12 if value.dtype == torch.float64 else tolerance):
+        raise InvalidSeedError(f"custom seed at {name}: the components do not sum to the value "
+                               f"(max relative error {float(remainder.abs().max() / scale):.2e})")
+    return torch.cat((parts.to(value.dtype), remainder.unsqueeze(0)))
+
+
+def sink_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            *, groups: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
+    """``[2, batch]``: per prompt, the sink token's component (−1 when it is in rest) and its position —
+    the first attended position (0 unless the prompt is left-padded).
+
+    >>> sink_of(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    tensor([[0, 1],
+            [0, 1]])
     """
     if attention_mask is None:
-        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    return (attention_mask != 0).int().argmax(dim=-1)
-
+        position = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    else:
+        position = (attention_mask != 0).int().argmax(dim=-1)
+    if groups is None:
+        return torch.stack((position, position))
+    length = input_ids.shape[-1]
+    component = torch.full_like(position, -1)
+    for g in reversed(range(len(groups))):
+        members = torch.tensor([p % length for p in groups[g]], device=position.device)
+        component = torch.where((position.unsqueeze(-1) == members).any(-1), g, component)
+    return torch.stack((component, position))

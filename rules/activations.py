@@ -46,12 +46,18 @@ def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 def sink_mask(
     components: torch.Tensor, sink: torch.Tensor, batch_axis: int | None, position_axis: int
 ) -> torch.Tensor:
-    """True where component ``sink[b]`` sits at a position other than ``sink[b]`` (component axis first)."""
+    """True where the sink component sits at a position other than the sink's own (component axis first).
+
+    ``sink`` is ``[2, batch]``: per prompt, the sink's component index (−1: none) and its position.
+    """
     ndim = components.ndim
     index = _along(torch.arange(components.shape[0], device=components.device), 0, ndim)
     position = _along(torch.arange(components.shape[position_axis + 1], device=components.device), position_axis + 1, ndim)
-    sink = _along(sink, batch_axis + 1, ndim) if batch_axis is not None else sink.reshape(())
-    return (index == sink) & (position != sink)
+    if batch_axis is None:
+        component, own = sink[0, 0], sink[1, 0]
+    else:
+        component, own = _along(sink[0], batch_axis + 1, ndim), _along(sink[1], batch_axis + 1, ndim)
+    return (index == component) & (position != own)
 
 
 def allocation_weights(

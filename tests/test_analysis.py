@@ -20,7 +20,7 @@ def _analyse(fn, *shapes):
     graph = program.graph_module.graph
     x = next(n for n in graph.nodes if n.op == "placeholder")
     out = next(n for n in graph.nodes if n.op == "output").args[0][0]
-    analysis = analyse(graph, x, [out])
+    analysis = analyse(graph, [x], [out])
     flavour = {str(n.target).split(".")[1]: analysis.info[n].flavour for n in analysis.info if n.op == "call_function"}
     return analysis, flavour, out
 

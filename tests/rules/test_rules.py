@@ -215,7 +215,7 @@ def test_activation_allocation_sums_to_activation(op: Any, mode: str) -> None:
     z = _activation_input(op)
     components = split(z, 5)
     y = _apply(op, z)
-    for sink in (None, torch.tensor([0, 1])):
+    for sink in (None, torch.tensor([[0, 1], [0, 1]])):
         out = allocate(components, y, mode=mode, temperature=0.1, sink=sink, batch_axis=0, position_axis=1)
         torch.testing.assert_close(out.sum(0), y.expand_as(out[0]), rtol=1e-12, atol=1e-12)
 
@@ -226,7 +226,7 @@ def test_absent_and_sink_components_get_no_share() -> None:
     y = torch.nn.functional.silu(components.sum(0))
     out = allocate(components, y)
     assert (out[components == 0] == 0).all()
-    with_sink = allocate(components, y, sink=torch.tensor([0]), batch_axis=0, position_axis=1)
+    with_sink = allocate(components, y, sink=torch.tensor([[0], [0]]), batch_axis=0, position_axis=1)
     assert (with_sink[0, 0, 1] == 0).all()                   # component 0 (the sink) at position 1
     torch.testing.assert_close(with_sink[0, 0, 0], out[0, 0, 0])  # …keeps its share at its own position
 

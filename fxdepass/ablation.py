@@ -1,0 +1,82 @@
+"""Ablation: zero chosen heads' or neurons' contributions, to check component-level attributions.
+
+Heads are the input features of a layer's attention output projection, neurons those of its MLP down
+projection — the same places ``fxdepass.heads`` / ``fxdepass.neurons`` seed, found the same way.  The
+zeroing is a forward pre-hook on the projection module, so no parameter is touched and leaving the
+context restores the model exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .capture import capture, model_inputs
+from .errors import InvalidSeedError
+from .locations import Locations, module_path
+
+__all__ = ["ablate"]
+
+_LOCATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Locations]" = weakref.WeakKeyDictionary()
+
+
+def _locations(model: Any) -> tuple[torch.nn.Module, Locations]:
+    if hasattr(model, "locations_of") and hasattr(model, "model"):  # a DecomposedModel
+        return model.model, model.locations_of(next(iter(model._captures.values())))
+    if model not in _LOCATIONS:
+        vocabulary = getattr(getattr(model, "config", None), "vocab_size", 2) or 2
+        ids = torch.randint(0, vocabulary, (2, 8), generator=torch.Generator().manual_seed(0))
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        example = {k: v for k, v in example.items() if k in model_inputs(model)}
+        _LOCATIONS[model] = Locations(capture(model, example), model)
+    return model, _LOCATIONS[model]
+
+
+def _zero_features(features: torch.Tensor) -> Any:
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x.index_fill(-1, features.to(x.device), 0.0), *args[1:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def ablate(
+    model: Any,
+    heads: Mapping[int, Sequence[int]] | None = None,
+    neurons: Mapping[int, Sequence[int]] | None = None,
+) -> Iterator[torch.nn.Module]:
+    """Within the context, ``model`` runs with those heads' and neurons' contributions zeroed.
+
+    ``model`` is a Hugging Face model or a :class:`fxdepass.DecomposedModel`; layers may be negative.
+
+    >>> with fxdepass.ablate(model, heads={3: [0, 5]}, neurons={-1: [17]}):      # doctest: +SKIP
+    ...     logits = model(input_ids).logits
+    """
+    module_root, where = _locations(model)
+    plans: list[tuple[torch.fx.Node, torch.Tensor]] = []
+    for layer, chosen in (heads or {}).items():
+        projection = where.output_projection(layer)
+        width = int(Locations.features(projection).meta["val"].shape[-1])
+        count = where.num_heads
+        size = width // count
+        for h in chosen:
+            if not -count <= h < count:
+                raise InvalidSeedError(f"ablate(): head {h} is out of range (layer {layer} has {count} heads)")
+        plans.append((projection, torch.tensor([(h % count) * size + i for h in chosen for i in range(size)], dtype=torch.long)))
+    for layer, chosen in (neurons or {}).items():
+        projection = where.down_projection(layer)
+        width = int(Locations.features(projection).meta["val"].shape[-1])
+        for i in chosen:
+            if not -width <= i < width:
+                raise InvalidSeedError(f"ablate(): neuron {i} is out of range (layer {layer} has {width} neurons)")
+        plans.append((projection, torch.tensor([i % width for i in chosen], dtype=torch.long)))
+    handles = [module_root.get_submodule(module_path(node)).register_forward_pre_hook(_zero_features(features))
+               for node, features in plans]
+    try:
+        yield module_root
+    finally:
+        for handle in handles:
+            handle.remove()

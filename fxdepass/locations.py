@@ -1,0 +1,157 @@
+"""Locations: finding blocks, projections and module boundaries in a captured graph by module path.
+
+Nothing here names an attribute of a particular architecture.  Blocks are the ``ModuleList`` with as
+many entries as the config has layers; inside a block, the attention output projection is the first
+linear map with a weight parameter after the attention probabilities are applied, and the MLP down
+projection is the block's last linear map.  A new architecture therefore needs no new code.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.fx
+
+from .capture import CapturedModel
+from .errors import InvalidSeedError
+
+__all__ = ["Locations", "module_path"]
+
+aten = torch.ops.aten
+_LINEAR_MAPS = {aten.linear.default: 0, aten.addmm.default: 1, aten.mm.default: 0, aten.matmul.default: 0}
+_ATTENTION_CORES = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
+                    aten._safe_softmax.default}
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost module path of ``node`` (``"model.layers.0.mlp"``), or ``""`` at top level."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return "" if path.startswith("_empty_nn_module_stack") else path
+
+
+def _paths(node: torch.fx.Node) -> list[str]:
+    return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+
+
+class Locations:
+    """Addressable places of one captured model.
+
+    >>> where = Locations(captured, model)                          # doctest: +SKIP
+    >>> where.output_projection(-1).name                             # doctest: +SKIP
+    'linear_27'
+    """
+
+    def __init__(self, captured: CapturedModel, model: torch.nn.Module):
+        self.captured = captured
+        self.model = model
+        config = getattr(model, "config", None)
+        self.hidden_size = getattr(config, "hidden_size", None)
+        self.num_heads = getattr(config, "num_attention_heads", None)
+        self.blocks = self._find_blocks(getattr(config, "num_hidden_layers", None))
+        self.nodes = [n for n in captured.graph.nodes if n.op == "call_function"]
+
+    def _find_blocks(self, layers: int | None) -> list[str]:
+        lists = [(name, m) for name, m in self.model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        matching = [(name, m) for name, m in lists if layers is None or len(m) == layers]
+        if not matching:
+            return []
+        name, blocks = matching[0] if layers is not None else max(matching, key=lambda item: len(item[1]))
+        return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def layer(self, index: int) -> int:
+        """Normalise a layer index (negative counts from the end); raise if out of range."""
+        count = len(self.blocks)
+        if not isinstance(index, int) or isinstance(index, bool) or not -count <= index < count:
+            raise InvalidSeedError(f"layer {index!r} is out of range: the model has {count} layers (0..{count - 1}, or negative)")
+        return index % count
+
+    def paths(self) -> list[str]:
+        """Every module path that appears in the graph, in execution order."""
+        seen: dict[str, None] = {}
+        for node in self.nodes:
+            for path in _paths(node):
+                if path and not path.startswith("_empty"):
+                    seen.setdefault(path, None)
+        return list(seen)
+
+    def _inside(self, path: str) -> list[torch.fx.Node]:
+        nodes = [n for n in self.nodes if path in _paths(n)]
+        if not nodes:
+            raise InvalidSeedError(f"no module {path!r} in the captured graph; DecomposedModel.locations() lists them")
+        return nodes
+
+    @functools.cached_property
+    def _depends_on_ids(self) -> set[torch.fx.Node]:
+        ids = next(n for n in self.captured.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+        depends = {ids}
+        for node in self.nodes:
+            # A SymInt (``sym_size``) carries the shape, not the data: it does not propagate dependence.
+            if isinstance(node.meta.get("val"), (torch.Tensor, list, tuple)) and any(a in depends for a in node.all_input_nodes):
+                depends.add(node)
+        return depends
+
+    def module_input(self, path: str) -> torch.fx.Node:
+        """The data entering module ``path``: a float tensor computed outside it from the input ids."""
+        inside = self._inside(path)
+        candidates: list[torch.fx.Node] = []
+        for node in inside:
+            for arg in node.all_input_nodes:
+                if arg in self._depends_on_ids and path not in _paths(arg) and _is_float_tensor(arg) and arg not in candidates:
+                    candidates.append(arg)
+        if self.hidden_size is not None:
+            candidates = [c for c in candidates if c.meta["val"].shape[-1] == self.hidden_size] or candidates
+        if not candidates:
+            raise InvalidSeedError(f"could not find the input of {path}")
+        return candidates[0]
+
+    def module_output(self, path: str) -> torch.fx.Node:
+        """The value module ``path`` returns: its last float tensor used outside it (or returned)."""
+        inside = self._inside(path)
+        outputs = [n for n in inside if _is_float_tensor(n) and any(path not in _paths(u) for u in n.users)]
+        if not outputs:
+            raise InvalidSeedError(f"could not find the output of {path}")
+        return outputs[-1]
+
+    def residual_entering(self, layer: int) -> torch.fx.Node:
+        """The residual stream entering block ``layer``."""
+        return self.module_input(self.blocks[self.layer(layer)])
+
+    def block_output(self, layer: int) -> torch.fx.Node:
+        """The residual stream leaving block ``layer``."""
+        return self.module_output(self.blocks[self.layer(layer)])
+
+    def _linear_maps(self, layer: int) -> list[torch.fx.Node]:
+        weights = set(self.captured.tensors)
+        return [n for n in self._inside(self.blocks[self.layer(layer)])
+                if n.target in _LINEAR_MAPS and any(a.name in weights for a in n.all_input_nodes)]
+
+    def output_projection(self, layer: int) -> torch.fx.Node:
+        """The attention output projection of block ``layer`` (a ``linear``/``addmm`` node)."""
+        inside = self._inside(self.blocks[self.layer(layer)])
+        cores = [i for i, n in enumerate(inside) if n.target in _ATTENTION_CORES]
+        if not cores:
+            raise InvalidSeedError(f"no attention found in {self.blocks[self.layer(layer)]}")
+        after = [n for n in self._linear_maps(layer) if inside.index(n) > cores[0]]
+        if not after:
+            raise InvalidSeedError(f"no attention output projection found in {self.blocks[self.layer(layer)]}")
+        return after[0]
+
+    def down_projection(self, layer: int) -> torch.fx.Node:
+        """The MLP down projection of block ``layer``: the block's last linear map."""
+        maps = self._linear_maps(layer)
+        if not maps:
+            raise InvalidSeedError(f"no MLP found in {self.blocks[self.layer(layer)]}")
+        return maps[-1]
+
+    @staticmethod
+    def features(projection: torch.fx.Node) -> torch.fx.Node:
+        """The input (features) of a linear-map node."""
+        return projection.args[_LINEAR_MAPS[projection.target]]
