@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import torch
 import torch.fx
 
+from .blocked import BlockedInterpreter, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs
 from .errors import CaptureError, InvalidInputError, InvalidReadoutError
 from .locations import Locations
@@ -87,6 +89,7 @@ class DecomposedModel:
         temperature: float = 0.1,
         dtype: torch.dtype | None = None,
         tokenizer: Any = None,
+        causal_blocks: int = 8,
     ):
         if activation not in ALLOCATIONS:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
@@ -94,6 +97,7 @@ class DecomposedModel:
             raise InvalidInputError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.tokenizer = tokenizer
+        self.causal_blocks = int(causal_blocks)
         self.policy = Policy(activation, float(temperature))
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
@@ -234,8 +238,13 @@ class DecomposedModel:
         inputs = self._inputs(ids, attention_mask)
         captured = self._capture(inputs)
         module, counts = self._module(captured, seed, names)
+        arguments = [inputs[name] for name in captured.inputs]
         with torch.no_grad():
-            outputs = module(*[inputs[name] for name in captured.inputs])
+            if self._blocked(captured, module, seed, ids):
+                batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
+                outputs = BlockedInterpreter(module, captured.sequence_length.node.expr, batch, self.causal_blocks).run(*arguments)
+            else:
+                outputs = module(*arguments)
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer)
         target_tensor = None if targets is None else torch.as_tensor(targets).long()
         results, start = {}, 0
@@ -248,6 +257,33 @@ class DecomposedModel:
             else:
                 results[name] = Attribution(pairs[0][1], pairs[0][0], labels, ids, name, target_tensor)
         return results[names[0]] if isinstance(readout, str) else results
+
+    def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
+        """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""
+        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < 2 * self.causal_blocks
+                or not isinstance(seed, Tokens) or seed.groups is not None
+                or not isinstance(captured.sequence_length, torch.SymInt)):
+            return False
+        if "blocks" not in module.meta:
+            expr = captured.sequence_length.node.expr
+            batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
+            module.meta["blocks"] = self.causal and supports_blocks(module, expr, batch)
+        return module.meta["blocks"]
+
+    @functools.cached_property
+    def causal(self) -> bool:
+        """Whether the model is causal: changing the last token leaves every earlier output unchanged."""
+        ids = torch.randint(0, self.vocab_size or 2, (1, 8), generator=torch.Generator().manual_seed(1))
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % (self.vocab_size or 2)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                first, second = (self.model(**self._inputs(x))[0] for x in (ids, changed))
+        finally:
+            self.model.train(was_training)
+        return bool(torch.equal(first[:, :-1], second[:, :-1]))
 
     def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, **generate_kwargs: Any) -> "GeneratedAttribution":
         """Generate text (greedy unless sampling kwargs say otherwise) and attribute every generated
@@ -321,11 +357,14 @@ def compile(
     temperature: float = 0.1,
     dtype: torch.dtype | None = None,
     tokenizer: Any = None,
+    causal_blocks: int = 8,
 ) -> DecomposedModel:
     """Compile a Hugging Face model for DePass attribution.
 
     ``activation`` picks how activations are allocated (``"softmax"``, ``"linear"``, ``"max"``), with
     ``temperature`` for softmax; ``dtype=torch.float64`` runs real and decomposed passes in float64.
+    ``causal_blocks`` splits token components of a causal model into that many blocks so that the
+    zeros before each token's position are never computed (0 or 1: one dense block).
     The model itself is never modified.
 
     >>> decomposed = fxdepass.compile(model, dtype=torch.float64)              # doctest: +SKIP
@@ -333,7 +372,7 @@ def compile(
     """
     decomposed = DecomposedModel(
         model, example_inputs=example_inputs, activation=activation, temperature=temperature, dtype=dtype,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, causal_blocks=causal_blocks,
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed

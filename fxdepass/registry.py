@@ -25,12 +25,22 @@ Each op has one kind (SPEC §2):
 
 ``elementwise`` marks ops whose output element depends only on the same element of the inputs; the
 analysis uses it to find multi-op activations.
+
+Note [Ops of other libraries]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Some models call custom ops that a library registers when it is imported (transformers' expert
+kernel ``torch.ops.transformers.grouped_mm_fallback``).  ``rules/`` imports only torch, so such an op
+may not exist yet when its rule is declared.  It is then declared by its qualified name,
+``"transformers::grouped_mm_fallback"`` (``.overload`` optional, argument *positions* only: there is
+no schema to look names up in), and the rule is bound to the op at the first :func:`lookup` after
+the library has registered it: necessarily before any graph using the op is analysed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -48,6 +58,7 @@ __all__ = [
     "register_rule",
     "add_to_rest",
     "rest_only",
+    "rest_in_block",
     "lookup",
 ]
 
@@ -81,9 +92,32 @@ class OpRule:
 RULES: dict[Any, OpRule] = {}
 
 
+#: rules declared by the qualified name of an op not registered yet (Note [Ops of other libraries])
+_PENDING: dict[str, OpRule] = {}
+
+
 def lookup(op: Any) -> OpRule | None:
     """The rule for ``op``, or ``None`` when the table has none."""
+    if op not in RULES and _PENDING:
+        for name in list(_PENDING):
+            resolved = _resolve(name)
+            if resolved is not None:
+                _register(dataclasses.replace(_PENDING.pop(name), op=resolved))
     return RULES.get(op)
+
+
+def _resolve(name: str) -> Any:
+    """The op called ``"namespace::op"`` or ``"namespace::op.overload"``, or ``None`` while it does not exist.
+
+    >>> _resolve("aten::add.Tensor") is torch.ops.aten.add.Tensor
+    True
+    """
+    namespace, _, qualified = name.partition("::")
+    packet, _, overload = qualified.partition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _positions(op: Any, args: Iterable[int | str]) -> tuple[int, ...]:
@@ -101,6 +135,12 @@ def _positions(op: Any, args: Iterable[int | str]) -> tuple[int, ...]:
 
 
 def _register(rule: OpRule) -> None:
+    if isinstance(rule.op, str):  # Note [Ops of other libraries]
+        resolved = _resolve(rule.op)
+        if resolved is None:
+            _PENDING[rule.op] = rule
+            return
+        rule = dataclasses.replace(rule, op=resolved)
     if rule.op in RULES:
         raise FxDePassError(f"a rule for {rule.name} is already registered ({RULES[rule.op].kind.value})")
     RULES[rule.op] = rule
@@ -165,6 +205,8 @@ def register_rule(ops: Any, decomposes: int | str = 0) -> Callable[[Callable[...
         @register_rule(torch.ops.aten.layer_norm.default, decomposes="input")
         def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True, *, components):
             ...
+
+    An op of a library that may not be loaded yet is named ``"namespace::op"`` (Note [Ops of other libraries]).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -175,12 +217,31 @@ def register_rule(ops: Any, decomposes: int | str = 0) -> Callable[[Callable[...
     return decorate
 
 
+_REST = {"here": True}
+
+
+@contextlib.contextmanager
+def rest_in_block(present: bool) -> Iterator[None]:
+    """Within the context, the components rules see do (or do not) include the rest component.
+
+    Only ``fxdepass.blocked`` sets it: its blocks past the first hold no rest (Note [Causal blocks]).
+    """
+    before = _REST["here"]
+    _REST["here"] = present
+    try:
+        yield
+    finally:
+        _REST["here"] = before
+
+
 def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
     """Return ``components`` with ``constant`` added to the rest component (the last one).
 
     >>> add_to_rest(torch.zeros(3, 2), torch.ones(2))[-1]
     tensor([1., 1.])
     """
+    if not _REST["here"]:
+        return components + torch.zeros_like(torch.as_tensor(constant, dtype=components.dtype))
     rest = (components[-1] + constant).unsqueeze(0)
     return torch.cat((components[:-1].expand(-1, *rest.shape[1:]), rest))
 
@@ -192,5 +253,6 @@ def rest_only(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     tensor([0., 0., 0., 1.])
     """
     out = value.new_zeros(like.shape[0], *value.shape)
-    out[-1] = value
+    if _REST["here"]:
+        out[-1] = value
     return out

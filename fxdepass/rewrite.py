@@ -131,6 +131,7 @@ def build_module(
                     raise FxDePassError(f"could not decompose {node.name} at {node_location(node)}: {error}") from error
             parts[node] = graph.create_node("call_function", *emitted, name=real[node].name + "_c")
             parts[node].meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            parts[node].meta["fxdepass_real"] = real[node]
     first = next((parts[p.node] for p in points if p.node in parts), None)
     outputs = []
     for readout in readouts:
@@ -139,7 +140,9 @@ def build_module(
         elif first is None:
             raise InvalidReadoutError("no readout depends on the seed")
         else:  # upstream of the seed or frozen: all of it is rest
-            outputs.append((real[readout], graph.call_function(rest_only, (real[readout],), {"like": first})))
+            lifted = graph.call_function(rest_only, (real[readout],), {"like": first})
+            lifted.meta["fxdepass_real"] = real[readout]
+            outputs.append((real[readout], lifted))
     graph.output(tuple(outputs))
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(attributes, graph, class_name="DecomposedForward")

@@ -1,0 +1,36 @@
+"""Causal blocks (fxdepass/blocked.py Note [Causal blocks]) give the dense path's result, in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import families
+import fxdepass
+from conftest import relative_error
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt", "gemma", "phi", "qwen2", "mistral"])
+def test_blocks_equal_dense(family: str) -> None:
+    model = families.build(family, layers=2, seed=4)
+    dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0)
+    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=5)
+    ids = torch.randint(0, families.VOCAB, (1, 23), generator=torch.Generator().manual_seed(3))
+    for seed in (fxdepass.tokens(), fxdepass.tokens(sink=False)):
+        expected = dense.attribute(ids, seed=seed, readout=["logits", "layers"])
+        got = blocked.attribute(ids, seed=seed, readout=["logits", "layers"])
+        for name in expected:
+            assert relative_error(got[name].components, expected[name].components) <= 1e-12
+    module = blocked._module(next(iter(blocked._captures.values())), fxdepass.tokens(), ("logits", "layers"))[0]
+    assert module.meta["blocks"] is True  # the blocked path really ran
+
+
+def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
+    encoder = fxdepass.compile(families.build("bert"), dtype=torch.float64, causal_blocks=4)
+    ids = torch.randint(0, families.VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    assert encoder.attribute(ids, readout="hidden").reconstruction_error() <= 1e-9
+    assert not encoder.causal
+    decoder = fxdepass.compile(families.build("llama"), dtype=torch.float64, causal_blocks=4)
+    grouped = fxdepass.tokens(groups=[[0, 5], [3, 19]])
+    assert decoder.attribute(ids, seed=grouped).reconstruction_error() <= 1e-9
+    module = decoder._module(next(iter(decoder._captures.values())), grouped, ("logits",))[0]
+    assert "blocks" not in module.meta  # groups are not position-aligned: dense path
