@@ -16,6 +16,7 @@ from .readouts import readout_nodes
 from .rewrite import Policy, build_module
 from .seeds import Seed, Tokens, tokens
 from fxdepass.rules.activations import ALLOCATIONS
+from fxdepass.rules.linear import linear_map
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
@@ -39,6 +40,10 @@ class Attribution:
     targets: torch.Tensor | None = None
     #: axis of ``components`` that indexes components (1 for the ``"layers"`` readout, else 0)
     component_axis: int = 0
+    #: the positions read out when not all (``last_position=True``)
+    positions: list[int] | None = None
+    #: the token ids of the last axis when only target rows of the head were computed
+    vocabulary: torch.Tensor | None = None
 
     def scores(self, target: int | Sequence[int] | torch.Tensor | None = None, position: int = -1) -> torch.Tensor:
         """Each component's contribution to the ``target`` logit at ``position``.
@@ -49,19 +54,37 @@ class Attribution:
         if self.readout != "logits":
             raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
         batch = self.total.shape[0]
-        length = self.total.shape[1]
+        length = self.input_ids.shape[1]
         if not -length <= position < length:
             raise InvalidInputError(f"position {position} is outside a prompt of {length} tokens")
+        position %= length
+        if self.positions is not None:
+            if position not in self.positions:
+                raise InvalidInputError(f"position {position} was not read out (only {self.positions})")
+            position = self.positions.index(position)
         if target is None:
-            target = self.targets if self.targets is not None else self.total[:, position].argmax(-1)
+            target = self.targets if self.targets is not None else self._ids(self.total[:, position].argmax(-1))
         target = torch.as_tensor(target, device=self.total.device).reshape(-1).expand(batch)
-        vocabulary = self.total.shape[-1]
-        if bool(((target < 0) | (target >= vocabulary)).any()):
-            raise InvalidInputError(f"target {target.tolist()} is outside the vocabulary (size {vocabulary})")
+        column = self._columns(target)
         at_position = self.components[:, :, position, :]
-        index = target.view(1, batch, 1).expand(at_position.shape[0], batch, 1)
+        index = column.view(1, batch, 1).expand(at_position.shape[0], batch, 1)
         picked = at_position.gather(-1, index).squeeze(-1)
         return picked[:, 0] if batch == 1 else picked
+
+    def _ids(self, columns: torch.Tensor) -> torch.Tensor:
+        return columns if self.vocabulary is None else self.vocabulary[columns]
+
+    def _columns(self, target: torch.Tensor) -> torch.Tensor:
+        """Columns of the last axis holding the logits of token ids ``target``."""
+        if self.vocabulary is None:
+            size = self.total.shape[-1]
+            if bool(((target < 0) | (target >= size)).any()):
+                raise InvalidInputError(f"target {target.tolist()} is outside the vocabulary (size {size})")
+            return target
+        matches = target.unsqueeze(-1) == self.vocabulary
+        if not bool(matches.any(-1).all()):
+            raise InvalidInputError(f"target {target.tolist()} was not read out (targets: {self.vocabulary.tolist()})")
+        return matches.int().argmax(-1)
 
     def reconstruction_error(self) -> float:
         """Max relative error of the sum of components against the real value (same precision policy)."""
@@ -216,11 +239,14 @@ class DecomposedModel:
         seed: Seed | None = None,
         readout: str | Sequence[str] = "logits",
         targets: Any = None,
+        last_position: bool = False,
     ) -> Attribution | dict[str, Attribution]:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
 
         Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are
-        returned as a dict of attributions.
+        returned as a dict of attributions.  ``last_position=True`` reads ``"logits"``/``"hidden"`` at
+        the last position only, so the last block after its attention, the final norm and the head
+        run there only; with ``targets`` the head computes only those token ids' rows.
 
         >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
         ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
@@ -235,28 +261,62 @@ class DecomposedModel:
         ids = self._validate_ids(input_ids)
         if isinstance(seed, Tokens):
             seed.check(ids.shape[1])
+        target_tensor = None if targets is None else torch.as_tensor(targets).long().reshape(-1)
+        if target_tensor is not None and self.vocab_size is not None and bool(((target_tensor < 0) | (target_tensor >= self.vocab_size)).any()):
+            raise InvalidInputError(f"targets {target_tensor.tolist()} are outside the vocabulary (size {self.vocab_size})")
         inputs = self._inputs(ids, attention_mask)
         captured = self._capture(inputs)
-        module, counts = self._module(captured, seed, names)
+        head = self._linear_head(captured) if target_tensor is not None and "logits" in names else None
+        computed = tuple(dict.fromkeys("hidden" if (n == "logits" and head is not None) else n for n in names))
+        module, counts = self._module(captured, seed, computed)
+        restrict = last_position and ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"}
+        if last_position and not set(computed) <= {"logits", "hidden"}:
+            raise InvalidReadoutError("last_position=True reads only 'logits' and 'hidden'")
         arguments = [inputs[name] for name in captured.inputs]
         with torch.no_grad():
-            if self._blocked(captured, module, seed, ids):
+            blocked = self._blocked(captured, module, seed, ids)
+            if (blocked or restrict) and isinstance(captured.sequence_length, torch.SymInt):
                 batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
-                outputs = BlockedInterpreter(module, captured.sequence_length.node.expr, batch, self.causal_blocks).run(*arguments)
+                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, batch,
+                                            self.causal_blocks if blocked else 1, last_position_only=restrict)
+                outputs = runner.run(*arguments)
             else:
                 outputs = module(*arguments)
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer)
-        target_tensor = None if targets is None else torch.as_tensor(targets).long()
         results, start = {}, 0
-        for name, count in zip(names, counts):
+        positions = [ids.shape[1] - 1] if last_position else None
+        for name, count in zip(computed, counts):
             pairs = outputs[start:start + count]
             start += count
             if name == "layers":
                 total, components = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
                 results[name] = Attribution(components, total, labels, ids, name, target_tensor, component_axis=1)
-            else:
-                results[name] = Attribution(pairs[0][1], pairs[0][0], labels, ids, name, target_tensor)
-        return results[names[0]] if isinstance(readout, str) else results
+                continue
+            total, components = pairs[0]
+            if last_position and total.shape[1] != 1:  # not restricted while computing: select now
+                total, components = total[:, -1:], components[:, :, -1:]
+            results[name] = Attribution(components, total, labels, ids, name, target_tensor, positions=positions)
+        if head is not None:
+            hidden = results["hidden"]
+            weight, bias = head
+            rows = (weight[target_tensor], None if bias is None else bias[target_tensor])
+            components = linear_map(torch.ops.aten.linear.default, hidden.components, *rows, in_dims=(0, None, None))
+            total = torch.nn.functional.linear(hidden.total, *rows)
+            results["logits"] = Attribution(components, total, labels, ids, "logits", target_tensor, positions=positions,
+                                            vocabulary=target_tensor)
+        return results[names[0]] if isinstance(readout, str) else {n: results[n] for n in names}
+
+    def _linear_head(self, captured: CapturedModel) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) when the logits are a plain linear map of the ``"hidden"`` readout, else ``None``."""
+        where = self.locations_of(captured)
+        logits, hidden = readout_nodes("logits", where)[0], readout_nodes("hidden", where)[0]
+        if logits.target is not torch.ops.aten.linear.default or logits.args[0] is not hidden:
+            return None
+        tensors = {name: tensor for name, (_, tensor) in captured.tensors.items()}
+        weight, bias = logits.args[1], (logits.args[2] if len(logits.args) > 2 else None)
+        if weight.name not in tensors or (bias is not None and bias.name not in tensors):
+            return None
+        return tensors[weight.name], None if bias is None else tensors[bias.name]
 
     def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
         """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""

@@ -36,6 +36,10 @@ from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "supports_blocks", "block_starts"]
 
+aten = torch.ops.aten
+_ATTENTION_CORES = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
+                    aten._safe_softmax.default}
+
 
 @dataclasses.dataclass
 class Blocks:
@@ -43,6 +47,7 @@ class Blocks:
     holds rest, last) at positions ``≥ starts[k]``."""
 
     parts: list[Any]
+    #: per block, the first position it holds (its first component's position, or later)
     starts: list[int]
 
 
@@ -86,14 +91,19 @@ def supports_blocks(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: s
 class BlockedInterpreter(torch.fx.Interpreter):
     """Run a generated module with token components in causal blocks; see Note [Causal blocks].
 
+    ``last_position_only`` also restricts everything after the last attention (position-wise: output
+    projection, MLP, norms, head) to the last position, for readouts read only there.
+
     >>> real, components = BlockedInterpreter(module, sequence_symbol, batch_symbol, blocks=8).run(*inputs)[0]  # doctest: +SKIP
     """
 
-    def __init__(self, module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: sympy.Symbol | None, blocks: int = 8):
+    def __init__(self, module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: sympy.Symbol | None,
+                 blocks: int = 8, last_position_only: bool = False):
         super().__init__(module)
         self.symbol, self.batch, self.blocks = symbol, batch, blocks
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
+        self.tail = _tail(module) if last_position_only else set()
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         ids = args[0]
@@ -105,12 +115,16 @@ class BlockedInterpreter(torch.fx.Interpreter):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def axes(self, node: torch.fx.Node) -> tuple[int, ...]:
+        """Position axes of ``node``'s real value (cached)."""
+        if node not in self._axes:
+            self._axes[node] = _position_axes(node, self.symbol, self.batch)
+        return self._axes[node]
+
     def _narrow(self, node: torch.fx.Node, value: Any, start: int) -> Any:
         """``value`` (the real value of ``node``) restricted to positions ``≥ start``."""
         if start == 0:
             return value
-        if node not in self._axes:
-            self._axes[node] = _position_axes(node, self.symbol, self.batch)
         if isinstance(value, (list, tuple)):
             return [self._narrow_tensor(node, v, start) for v in value]
         if isinstance(value, torch.Tensor):
@@ -120,9 +134,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
             return self._size(node, size, start)
         return value
 
-    def _narrow_tensor(self, node: torch.fx.Node, value: torch.Tensor, start: int) -> torch.Tensor:
-        for axis in self._axes[node]:
-            value = value.narrow(axis, start, value.shape[axis] - start)
+    def _narrow_tensor(self, node: torch.fx.Node, value: torch.Tensor, start: int, offset: int = 0) -> torch.Tensor:
+        for axis in self.axes(node):
+            value = value.narrow(axis + offset, start, value.shape[axis + offset] - start)
         return value
 
     def _size(self, node: torch.fx.Node, size: torch.SymInt, start: int) -> int:
@@ -135,47 +149,54 @@ class BlockedInterpreter(torch.fx.Interpreter):
         values = [self.length - start if s == self.symbol else 1 for s in free]  # batch is 1
         return int(fn(*values))
 
-    def _block_args(self, node: torch.fx.Node, k: int) -> tuple[tuple, dict]:
-        start = self.starts[k]
+    def _starts_for(self, node: torch.fx.Node) -> list[int]:
+        return [self.length - 1] * len(self.starts) if node in self.tail else self.starts
 
+    def _part(self, arg: torch.fx.Node, value: Blocks, k: int, start: int) -> torch.Tensor:
+        """Block ``k`` of ``value`` restricted to positions ``≥ start``."""
+        shift = start - value.starts[k]
+        return self._narrow_tensor(arg.meta["fxdepass_real"], value.parts[k], shift, offset=1) if shift else value.parts[k]
+
+    def _block_args(self, node: torch.fx.Node, k: int, start: int) -> tuple[tuple, dict]:
         def pick(arg: Any) -> Any:
             if isinstance(arg, torch.fx.Node):
                 value = self.env[arg]
-                return value.parts[k] if isinstance(value, Blocks) else self._narrow(arg, value, start)
+                return self._part(arg, value, k, start) if isinstance(value, Blocks) else self._narrow(arg, value, start)
             if isinstance(arg, (list, tuple)):  # plain lists and tuples: vmap matches in_dims by type
                 return (list if isinstance(arg, list) else tuple)(pick(a) for a in arg)
             return arg
 
         return tuple(pick(a) for a in node.args), {key: pick(v) for key, v in node.kwargs.items()}
 
-    def _assemble(self, value: Blocks, like: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-        """The dense ``[M+1, …]`` components of a blocked value (zeros before each block's start)."""
+    def _assemble(self, value: Blocks, real: torch.fx.Node) -> tuple[torch.Tensor, int]:
+        """The dense ``[M+1, …]`` components of a blocked value at positions ``≥ base`` (the smallest
+        block start; zeros before each block's start), and ``base``."""
+        base = min(value.starts)
+        shape = list(value.parts[0].shape[1:])  # the real value's shape, restricted to positions ≥ base
+        for axis in self.axes(real):
+            shape[axis] = self.length - base
+        like = value.parts[0].new_empty(shape)
         full = like.new_zeros(self.length + 1, *like.shape)
         for k, part in enumerate(value.parts):
-            start = self.starts[k]
-            end = self.starts[k + 1] if k + 1 < len(self.starts) else self.length
-            index = [slice(start, end)] + [slice(None)] * like.ndim
-            for axis in axes:
-                index[axis + 1] = slice(start, None)
+            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else self.length)
+            index = [slice(first, end)] + [slice(None)] * like.ndim
+            for axis in self.axes(real):
+                index[axis + 1] = slice(value.starts[k] - base, None)
             if k == 0:
                 full[tuple(index)] = part[:-1]
                 full[-1] = part[-1]
             else:
                 full[tuple(index)] = part
-        return full
+        return full, base
 
-    def _split(self, node: torch.fx.Node, full: torch.Tensor) -> Blocks:
-        axes = self._axes.setdefault(node, _position_axes(node, self.symbol, self.batch))
+    def _split(self, real: torch.fx.Node, full: torch.Tensor, base: int, starts: list[int]) -> Blocks:
+        """Blocks of dense components given at positions ``≥ base``."""
         parts = []
-        for k, start in enumerate(self.starts):
-            end = self.starts[k + 1] if k + 1 < len(self.starts) else self.length
-            part = full[start:end]
-            if k == 0:
-                part = torch.cat((part, full[-1:]))
-            for axis in axes:
-                part = part.narrow(axis + 1, start, part.shape[axis + 1] - start)
-            parts.append(part)
-        return Blocks(parts, self.starts)
+        for k, start in enumerate(starts):
+            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else self.length)
+            part = full[first:end] if k else torch.cat((full[first:end], full[-1:]))
+            parts.append(self._narrow_tensor(real, part, start - base, offset=1) if start > base else part)
+        return Blocks(parts, list(starts))
 
     # -- the hooks -----------------------------------------------------------------------------
 
@@ -188,22 +209,23 @@ class BlockedInterpreter(torch.fx.Interpreter):
         real = node.meta.get("fxdepass_real")
         if real is None:
             return super().call_function(target, args, kwargs)
+        starts = self._starts_for(node)
         if target is split_groups:
-            return self._split(real, target(*args, **kwargs))
+            return self._split(real, target(*args, **kwargs), 0, starts)
         if target is allocate:
-            components, activation = node.args[0], node.args[1]
-            dense = self._assemble(self.env[components], self.env[activation],
-                                   self._axes.setdefault(components.meta["fxdepass_real"],
-                                                         _position_axes(components.meta["fxdepass_real"], self.symbol, self.batch)))
-            return self._split(real, target(dense, self.env[activation], **kwargs))
+            dense, base = self._assemble(self.env[node.args[0]], node.args[0].meta["fxdepass_real"])
+            activation = self._narrow(node.args[1], self.env[node.args[1]], base)
+            if kwargs.get("sink") is not None:  # positions are now counted from base
+                kwargs = {**kwargs, "sink": kwargs["sink"] - torch.tensor([[0], [base]], device=kwargs["sink"].device)}
+            return self._split(real, target(dense, activation, **kwargs), base, starts)
         if target is scaled_dot_product_attention:
             return self._attention(node, kwargs)
         parts = []
-        for k in range(len(self.starts)):
-            block_args, block_kwargs = self._block_args(node, k)
+        for k, start in enumerate(starts):
+            block_args, block_kwargs = self._block_args(node, k, start)
             with registry.rest_in_block(k == 0):
                 parts.append(target(*block_args, **block_kwargs))
-        return Blocks(parts, self.starts)
+        return Blocks(parts, list(starts))
 
     def _attention(self, node: torch.fx.Node, kwargs: dict) -> Blocks:
         query, key, *rest = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
@@ -213,20 +235,28 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if groups > 1:
             key = key.repeat_interleave(groups, dim=-3)
         probabilities = attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
+        values = self.env[node.kwargs["components"]]
         parts = []
-        for k, start in enumerate(self.starts):
-            values = self.env[node.kwargs["components"]].parts[k]
-            if groups > 1:
-                values = values.repeat_interleave(groups, dim=-3)
-            parts.append(probabilities[..., start:, start:] @ values)
-        return Blocks(parts, self.starts)
+        for k, start in enumerate(values.starts):
+            part = values.parts[k].repeat_interleave(groups, dim=-3) if groups > 1 else values.parts[k]
+            parts.append(probabilities[..., start:, start:] @ part)
+        return Blocks(parts, list(values.starts))
 
     def output(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        def dense(arg: Any, value: Any) -> Any:
+        results = []
+        for real, components in self.node.args[0]:
+            value = self.env[components]
             if isinstance(value, Blocks):
-                real = arg.meta["fxdepass_real"]
-                return self._assemble(value, self.env[real], _position_axes(real, self.symbol, self.batch))
-            return value
+                dense, base = self._assemble(value, components.meta["fxdepass_real"])
+                results.append((self._narrow(real, self.env[real], base), dense))
+            else:
+                results.append((self.env[real], value))
+        return tuple(results)
 
-        (outputs,) = self.node.args
-        return tuple((self.env[r], dense(c, self.env[c])) for r, c in outputs)
+
+def _tail(module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Component nodes after the last attention: position-wise, so computable at one position."""
+    nodes = list(module.graph.nodes)
+    cores = [i for i, n in enumerate(nodes) if n.target in _ATTENTION_CORES]
+    first = cores[-1] + 1 if cores else 0
+    return {n for n in nodes[first:] if "fxdepass_real" in n.meta}

@@ -34,3 +34,23 @@ def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     assert decoder.attribute(ids, seed=grouped).reconstruction_error() <= 1e-9
     module = decoder._module(next(iter(decoder._captures.values())), grouped, ("logits",))[0]
     assert "blocks" not in module.meta  # groups are not position-aligned: dense path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "bert"])
+def test_last_position_and_target_rows_equal_full_readout(family: str) -> None:
+    decomposed = fxdepass.compile(families.build(family, layers=2, seed=6), dtype=torch.float64)
+    ids = torch.randint(0, families.VOCAB, (1, 21), generator=torch.Generator().manual_seed(5))
+    readout = "hidden" if family == "bert" else "logits"
+    full = decomposed.attribute(ids, readout=readout)
+    last = decomposed.attribute(ids, readout=readout, last_position=True)
+    assert last.components.shape[2] == 1 and last.positions == [20]
+    assert relative_error(last.components, full.components[:, :, -1:]) <= 1e-12
+    if readout == "logits":
+        rows = decomposed.attribute(ids, targets=[3, 7], last_position=True)
+        assert rows.components.shape[-1] == 2 and rows.reconstruction_error() <= 1e-9
+        for target in (3, 7):
+            assert relative_error(rows.scores(target), full.scores(target)) <= 1e-12
+        with pytest.raises(fxdepass.InvalidInputError, match="was not read out"):
+            rows.scores(5)
+        with pytest.raises(fxdepass.InvalidInputError, match="was not read out"):
+            rows.scores(3, position=4)
