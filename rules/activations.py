@@ -61,27 +61,33 @@ def sink_mask(
 
 
 def allocation_weights(
-    pre_activation: torch.Tensor, present: torch.Tensor, mode: str = "softmax", temperature: float = 0.1
+    pre_activation: torch.Tensor, absent: torch.Tensor, mode: str = "softmax", temperature: float = 0.1
 ) -> torch.Tensor:
-    """Shares of each component (axis 0) at each element; they sum to one over axis 0."""
-    rest = torch.zeros_like(present)
-    rest[-1] = True
-    none_present = ~present.any(0, keepdim=True)
-    present = present | (none_present & rest)
+    """Shares of each component (axis 0) at each element; they sum to one over axis 0.
+
+    Where every component is ``absent`` the rest component (the last) takes everything.
+    """
+    nothing = absent.all(0)
+    absent[-1].logical_and_(~nothing)  # in place: absent is the caller's scratch tensor
     if mode == "softmax":
-        weights = torch.softmax((pre_activation / temperature).masked_fill(~present, float("-inf")), dim=0)
-    elif mode == "linear":
-        low = pre_activation.masked_fill(~present, float("inf")).amin(0, keepdim=True)
-        spread = (pre_activation - low).masked_fill(~present, 0.0)
+        logits = pre_activation * (1.0 / temperature)
+        return torch.softmax(logits.masked_fill_(absent, float("-inf")), dim=0)
+    if mode == "linear":
+        low = pre_activation.masked_fill(absent, float("inf")).amin(0, keepdim=True)
+        spread = (pre_activation - low).masked_fill_(absent, 0.0)
         total = spread.sum(0, keepdim=True)
-        equal = present.to(pre_activation.dtype) / present.sum(0, keepdim=True)
-        weights = torch.where(total > 0, spread / total.clamp_min(torch.finfo(total.dtype).tiny), equal)
-    elif mode == "max":
-        winner = pre_activation.masked_fill(~present, float("-inf")).argmax(0, keepdim=True)
-        weights = torch.zeros_like(pre_activation).scatter_(0, winner, 1.0)
-    else:
-        raise ValueError(f"unknown activation allocation {mode!r}; choose one of {ALLOCATIONS}")
-    return weights
+        present = (~absent).to(pre_activation.dtype)
+        equal = present / present.sum(0, keepdim=True)
+        return torch.where(total > 0, spread / total.clamp_min(torch.finfo(total.dtype).tiny), equal)
+    if mode == "max":
+        winner = pre_activation.masked_fill(absent, float("-inf")).argmax(0, keepdim=True)
+        return torch.zeros_like(pre_activation).scatter_(0, winner, 1.0)
+    raise ValueError(f"unknown activation allocation {mode!r}; choose one of {ALLOCATIONS}")
+
+
+#: neurons per chunk: the allocation is per element, so chunking the last axis is exact and bounds
+#: the temporaries to a chunk's worth instead of components × positions × neurons
+CHUNK = 1024
 
 
 def allocate(
@@ -101,8 +107,24 @@ def allocate(
     >>> torch.allclose(y.sum(0), torch.nn.functional.silu(z.sum(0)))
     True
     """
-    present = components != 0
+    excluded = None
     if sink is not None and position_axis is not None:
-        present = present & ~sink_mask(components, sink, batch_axis, position_axis)
-    weights = allocation_weights(components, present, mode, temperature)
-    return weights * activation
+        excluded = sink_mask(components, sink, batch_axis, position_axis)
+    width = components.shape[-1]
+    if width <= CHUNK or components.ndim < 2 or activation.shape != components.shape[1:]:
+        return _allocate_chunk(components, activation, excluded, mode, temperature)
+    out = torch.empty_like(components)
+    for start in range(0, width, CHUNK):
+        part = slice(start, start + CHUNK)
+        mask = None if excluded is None else excluded[..., part] if excluded.shape[-1] > 1 else excluded
+        out[..., part] = _allocate_chunk(components[..., part], activation[..., part], mask, mode, temperature)
+    return out
+
+
+def _allocate_chunk(components: torch.Tensor, activation: torch.Tensor, excluded: torch.Tensor | None,
+                    mode: str, temperature: float) -> torch.Tensor:
+    absent = components == 0
+    if excluded is not None:
+        absent |= excluded
+    weights = allocation_weights(components, absent, mode, temperature)
+    return weights.mul_(activation) if weights.shape[1:] == activation.shape else weights * activation

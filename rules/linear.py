@@ -35,9 +35,10 @@ deflinear([aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.defa
 # Joining and writing into tensors: linear jointly in every piece written.
 deflinear([aten.cat.default, aten.stack.default], ("tensors",))
 deflinear(aten.index_put.default, ("self", "values"))
+deflinear([aten.slice_scatter.default, aten.select_scatter.default], ("self", "src"))
 deflinear(aten.index_add.default, ("self", "source"))
 deflinear([aten.scatter_add.default, aten.scatter.src], ("self", "src"))
-deflinear(aten.constant_pad_nd.default, ("self", "value"))
+deflinear([aten.constant_pad_nd.default, aten.pad.default], ("self", "value"))
 deflinear(aten.embedding.default, ("weight",))
 # Elementwise identities and sums.
 deflinear([aten.clone.default, aten.alias.default, aten._to_copy.default, aten.type_as.default,
@@ -61,30 +62,41 @@ defbilinear(aten.baddbmm.default, ("batch1", "batch2"), additive=("self",))
 _COMPONENT_OP = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
 
 
-def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list, bool]:
-    """Split ``args`` into (constant terms zeroed, components zeroed), see Note [Constant terms of affine ops]."""
-    varying, constant, found = [], [], False
+def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list | None]:
+    """Split ``args`` into (constant terms zeroed, components zeroed), see Note [Constant terms of affine ops].
 
-    def leaf(x: Any, has_components: bool, is_additive: bool) -> tuple[Any, Any, bool]:
-        if has_components:
-            return x, x.new_zeros(x.shape[1:]), False
-        if is_additive and isinstance(x, (torch.Tensor, int, float)) and not isinstance(x, bool):
-            return (torch.zeros_like(x) if isinstance(x, torch.Tensor) else 0), x, True
-        return x, x, False
+    The second list is ``None`` when there is no constant term (the common case: nothing to add to rest).
+    """
 
-    for i, (arg, dims) in enumerate(zip(args, in_dims)):
+    def is_constant(x: Any, has_components: bool, position: int) -> bool:
+        return (not has_components and position in additive and isinstance(x, (torch.Tensor, int, float))
+                and not isinstance(x, bool))
+
+    def leaves(i: int, arg: Any, dims: Any) -> list[tuple[Any, bool]]:
         if isinstance(arg, (list, tuple)):
             dims = dims if isinstance(dims, (list, tuple)) else [dims] * len(arg)
-            parts = [leaf(x, d == 0, i in additive) for x, d in zip(arg, dims)]
-            varying.append([p[0] for p in parts])
-            constant.append([p[1] for p in parts])
-            found = found or any(p[2] for p in parts)
+            return [(x, d == 0) for x, d in zip(arg, dims)]
+        return [(arg, dims == 0)]
+
+    if not any(is_constant(x, c, i) for i, (a, d) in enumerate(zip(args, in_dims)) for x, c in leaves(i, a, d)):
+        return list(args), None
+    varying, constant = [], []
+    for i, (arg, dims) in enumerate(zip(args, in_dims)):
+        pairs = []
+        for x, has_components in leaves(i, arg, dims):
+            if has_components:
+                pairs.append((x, x.new_zeros(x.shape[1:])))
+            elif is_constant(x, has_components, i):
+                pairs.append((torch.zeros_like(x) if isinstance(x, torch.Tensor) else 0, x))
+            else:
+                pairs.append((x, x))
+        if isinstance(arg, (list, tuple)):
+            varying.append([p[0] for p in pairs])
+            constant.append([p[1] for p in pairs])
         else:
-            v, c, f = leaf(arg, dims == 0, i in additive)
-            varying.append(v)
-            constant.append(c)
-            found = found or f
-    return varying, constant, found
+            varying.append(pairs[0][0])
+            constant.append(pairs[0][1])
+    return varying, constant
 
 
 def linear_map(op: Any, *args: Any, in_dims: tuple, **kwargs: Any) -> Any:
@@ -96,9 +108,9 @@ def linear_map(op: Any, *args: Any, in_dims: tuple, **kwargs: Any) -> Any:
     torch.Size([3, 2, 5])
     """
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
-    varying, constant, found = _split_constant_terms(args, in_dims, lookup(op).additive_args)
+    varying, constant = _split_constant_terms(args, in_dims, lookup(op).additive_args)
     out = torch.vmap(functools.partial(_COMPONENT_OP.get(op, op), **kwargs), in_dims=in_dims)(*varying)
-    if found:
+    if constant is not None:
         out = add_to_rest(out, op(*constant, **kwargs))
     return out
 

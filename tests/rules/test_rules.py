@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxdepass  # noqa: F401  (fills the table)
-from fxdepass.registry import RULES, Kind
+from fxdepass.registry import RULES, Kind, lookup
 from fxdepass.rules.activations import allocate
 from fxdepass.rules.linear import linear_map
 from fxdepass.rules.products import symmetric_product
@@ -131,6 +131,27 @@ SAMPLES: list[tuple[Any, Callable[[], tuple], dict]] = [
      lambda: (r(2, 4, 5, 8), r(2, 2, 5, 8), D(r(2, 2, 5, 8)), _mask(2, 1, 5, 5) | torch.eye(5, dtype=torch.bool)),
      {"enable_gqa": True, "scale": 0.3}),
     (aten.scaled_dot_product_attention.default, lambda: (r(1, 2, 4, 8), r(1, 2, 4, 8), D(r(1, 2, 4, 8)), r(1, 1, 4, 4)), {}),
+    (aten.pad.default, lambda: (D(r(2, 3)), [1, 2], "constant", 0.5), {}),
+    (aten.pad.default, lambda: (D(r(1, 2, 5)), [2, 1], "reflect"), {}),
+    (aten.rms_norm.default, lambda: (D(r(2, 3, 6)), [6], r(6), 1e-6), {}),
+    (aten.rms_norm.default, lambda: (D(r(2, 3, 6)), [3, 6]), {}),
+    (aten.slice_scatter.default, lambda: (D(r(4, 5)), D(r(4, 2)), 1, 1, 5, 2), {}),
+    (aten.select_scatter.default, lambda: (r(4, 5), D(r(4)), 1, 3), {}),
+]
+
+
+def _transformers_op(name: str) -> Any:
+    """A custom op transformers registers on import, its rule bound (registry Note [Ops of other libraries])."""
+    import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.*)
+
+    op = getattr(torch.ops.transformers, name).default
+    lookup(op)
+    return op
+
+
+SAMPLES += [
+    # Three experts own rows 0:2, 2:2 (none) and 2:6.
+    (_transformers_op("grouped_mm_fallback"), lambda: (D(r(6, 4)), r(3, 4, 5), torch.tensor([2, 2, 6], dtype=torch.int32)), {}),
 ]
 
 
@@ -229,6 +250,20 @@ def test_absent_and_sink_components_get_no_share() -> None:
     with_sink = allocate(components, y, sink=torch.tensor([[0], [0]]), batch_axis=0, position_axis=1)
     assert (with_sink[0, 0, 1] == 0).all()                   # component 0 (the sink) at position 1
     torch.testing.assert_close(with_sink[0, 0, 0], out[0, 0, 0])  # …keeps its share at its own position
+
+
+@pytest.mark.parametrize("mode", ["softmax", "linear", "max"])
+def test_chunked_allocation_equals_whole(monkeypatch, mode: str) -> None:
+    import fxdepass.rules.activations as activations
+
+    torch.manual_seed(2)
+    z = r(2, 5, 23)
+    components, y = split(z, 6), torch.nn.functional.gelu(z)
+    sink = torch.tensor([[0, 1], [0, 1]])
+    whole = allocate(components, y, mode=mode, sink=sink, batch_axis=0, position_axis=1)
+    monkeypatch.setattr(activations, "CHUNK", 4)
+    chunked = allocate(components, y, mode=mode, sink=sink, batch_axis=0, position_axis=1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-14, atol=1e-18)
 
 
 def test_temperature_and_modes_behave() -> None:
