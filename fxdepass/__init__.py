@@ -15,6 +15,8 @@ from .errors import (
     InvalidInputError,
     InvalidReadoutError,
     InvalidSeedError,
+    OutOfMemoryEstimateError,
+    ReconstructionError,
     UnsupportedOpError,
 )
 from .seeds import (
@@ -39,6 +41,6 @@ __all__ = [
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
     "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",
-    "InvalidInputError",
+    "InvalidInputError", "OutOfMemoryEstimateError", "ReconstructionError",
 ]
 __version__ = "0.1.0"

@@ -10,15 +10,18 @@ import torch.fx
 
 from .blocked import BlockedInterpreter, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs
-from .errors import CaptureError, InvalidInputError, InvalidReadoutError
+from .errors import CaptureError, InvalidInputError, InvalidReadoutError, OutOfMemoryEstimateError
 from .locations import Locations
 from .readouts import readout_nodes
 from .rewrite import Policy, build_module
-from .seeds import Seed, Tokens, tokens
+from .seeds import Custom, Seed, Tokens, tokens
 from fxdepass.rules.activations import ALLOCATIONS
 from fxdepass.rules.linear import linear_map
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
+
+#: positions per causal block at least: smaller blocks save less than their Python overhead costs
+BLOCK_POSITIONS = 16
 
 
 @dataclasses.dataclass
@@ -240,6 +243,7 @@ class DecomposedModel:
         readout: str | Sequence[str] = "logits",
         targets: Any = None,
         last_position: bool = False,
+        memory_limit: int | None = None,
     ) -> Attribution | dict[str, Attribution]:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
 
@@ -247,6 +251,8 @@ class DecomposedModel:
         returned as a dict of attributions.  ``last_position=True`` reads ``"logits"``/``"hidden"`` at
         the last position only, so the last block after its attention, the final norm and the head
         run there only; with ``targets`` the head computes only those token ids' rows.
+        ``memory_limit`` (bytes; default 80% of the available memory) bounds the estimated peak of
+        the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
 
         >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
         ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
@@ -273,16 +279,20 @@ class DecomposedModel:
         if last_position and not set(computed) <= {"logits", "hidden"}:
             raise InvalidReadoutError("last_position=True reads only 'logits' and 'hidden'")
         arguments = [inputs[name] for name in captured.inputs]
+        blocked = self._blocked(captured, module, seed, ids)
+        labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
+        self._check_memory(module, captured, ids, blocked, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
-            blocked = self._blocked(captured, module, seed, ids)
             if (blocked or restrict) and isinstance(captured.sequence_length, torch.SymInt):
                 batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
-                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, batch,
-                                            self.causal_blocks if blocked else 1, last_position_only=restrict)
+                blocks = min(self.causal_blocks, ids.shape[1] // BLOCK_POSITIONS) if blocked else 1
+                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, batch, blocks,
+                                            last_position_only=restrict)
                 outputs = runner.run(*arguments)
             else:
                 outputs = module(*arguments)
-        labels = seed.labels(ids, self.locations_of(captured), self.tokenizer)
+        if labels is None:
+            labels = [f"part {k}" for k in range(outputs[0][1].shape[0] - 1)] + ["rest"]
         results, start = {}, 0
         positions = [ids.shape[1] - 1] if last_position else None
         for name, count in zip(computed, counts):
@@ -306,6 +316,35 @@ class DecomposedModel:
                                             vocabulary=target_tensor)
         return results[names[0]] if isinstance(readout, str) else {n: results[n] for n in names}
 
+    def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
+                        components: int) -> int:
+        """Estimated peak bytes of one decomposed pass: the largest components tensor, held about three
+        times (an input, the output, a temporary)."""
+        values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
+        symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
+        largest = 0
+        for node in module.graph.nodes:
+            real = node.meta.get("fxdepass_real")
+            value = real.meta.get("val") if real is not None else None
+            if isinstance(value, torch.Tensor):
+                numel = 1
+                for size in value.shape:
+                    numel *= int(size.node.expr.subs(symbols)) if isinstance(size, torch.SymInt) else int(size)
+                largest = max(largest, numel)
+        return 3 * components * largest * torch.finfo(self.dtype).bits // 8
+
+    def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
+                      limit: int | None, components: int) -> None:
+        limit = _available_memory() * 8 // 10 if limit is None else int(limit)
+        need = self.estimate_memory(module, captured, ids, components) * (0.6 if blocked else 1.0)
+        if need > limit:
+            fits = int(ids.shape[1] * (limit / need) ** 0.5)
+            raise OutOfMemoryEstimateError(
+                f"the decomposed pass needs about {need / 2**30:.1f} GiB but the limit is {limit / 2**30:.1f} GiB: "
+                f"about {fits} positions (token components) would fit; shorten the prompt, group tokens "
+                "(fxdepass.tokens(groups=...)), use last_position=True, or raise memory_limit"
+            )
+
     def _linear_head(self, captured: CapturedModel) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) when the logits are a plain linear map of the ``"hidden"`` readout, else ``None``."""
         where = self.locations_of(captured)
@@ -320,7 +359,7 @@ class DecomposedModel:
 
     def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
         """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""
-        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < 2 * self.causal_blocks
+        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < 2 * BLOCK_POSITIONS
                 or not isinstance(seed, Tokens) or seed.groups is not None
                 or not isinstance(captured.sequence_length, torch.SymInt)):
             return False
@@ -436,3 +475,15 @@ def compile(
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable``), or 16 GiB where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 2**30

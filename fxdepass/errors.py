@@ -10,6 +10,8 @@ __all__ = [
     "InvalidSeedError",
     "InvalidReadoutError",
     "InvalidInputError",
+    "OutOfMemoryEstimateError",
+    "ReconstructionError",
     "node_location",
 ]
 
@@ -35,7 +37,15 @@ class InvalidReadoutError(FxDePassError):
 
 
 class InvalidInputError(FxDePassError):
-    """Inputs (ids, masks, targets) that do not fit the model."""
+    """Inputs (ids, masks, targets, shapes, dtypes) that do not fit the model."""
+
+
+class OutOfMemoryEstimateError(FxDePassError):
+    """The decomposed pass would need more memory than the limit allows."""
+
+
+class ReconstructionError(FxDePassError):
+    """The components do not sum to the real value within the tolerance."""
 
 
 def node_location(node: torch.fx.Node) -> str:

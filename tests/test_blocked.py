@@ -13,8 +13,8 @@ from conftest import relative_error
 def test_blocks_equal_dense(family: str) -> None:
     model = families.build(family, layers=2, seed=4)
     dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0)
-    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=5)
-    ids = torch.randint(0, families.VOCAB, (1, 23), generator=torch.Generator().manual_seed(3))
+    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3)
+    ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
     for seed in (fxdepass.tokens(), fxdepass.tokens(sink=False)):
         expected = dense.attribute(ids, seed=seed, readout=["logits", "layers"])
         got = blocked.attribute(ids, seed=seed, readout=["logits", "layers"])
@@ -54,3 +54,11 @@ def test_last_position_and_target_rows_equal_full_readout(family: str) -> None:
             rows.scores(5)
         with pytest.raises(fxdepass.InvalidInputError, match="was not read out"):
             rows.scores(3, position=4)
+
+
+def test_memory_guard_says_what_would_fit() -> None:
+    decomposed = fxdepass.compile(families.build("llama", layers=1), causal_blocks=0)
+    ids = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(fxdepass.OutOfMemoryEstimateError, match=r"about \d+ positions .* would fit"):
+        decomposed.attribute(ids, memory_limit=100_000)
+    assert decomposed.attribute(ids, memory_limit=10**9).reconstruction_error() <= 1e-4

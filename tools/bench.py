@@ -1,0 +1,237 @@
+"""Benchmarks: DePass attribution against the batched forward of M copies of the prompt.
+
+``make bench`` runs every configuration in its own process and writes docs/performance.md.  Times are
+ratios measured in the same process (attribution / plain forward on a batch of M = N copies), never
+absolute seconds from different runs.
+
+    python tools/bench.py                 # the whole table → docs/performance.md
+    python tools/bench.py --one llama small 64 tokens   # one configuration, prints a JSON line
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024),
+         "medium": dict(hidden=768, layers=12, heads=12, intermediate=3072)}
+LENGTHS = (16, 32, 64, 128, 256)
+VOCAB = 8192
+
+
+def build(family: str, size: str) -> torch.nn.Module:
+    s = SIZES[size]
+    common = dict(vocab_size=VOCAB, num_hidden_layers=s["layers"], num_attention_heads=s["heads"], max_position_embeddings=1024)
+    if family == "llama":
+        config = transformers.LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], **common)
+    elif family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                         n_positions=1024, n_inner=s["intermediate"])
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 4,
+                                            num_local_experts=8, num_experts_per_tok=2, **common)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def flop_floor(family: str, size: str, n: int) -> float:
+    """Multiply-adds of the decomposed pass over those of the batched forward, counting only matmuls:
+    per component the value, output, gate and down projections (queries, keys and the up projection
+    are frozen), causal zeros halving it, and the head at the read-out position only."""
+    s = SIZES[size]
+    d, i, layers = s["hidden"], s["intermediate"], s["layers"]
+    gated = family in ("llama", "mixtral")
+    forward = layers * (4 * d * d + (3 if gated else 2) * d * i) * n * n + VOCAB * d * n * n
+    decomposed = layers * (2 * d * d + 2 * d * i) * (n + 1) * (n + 1) / 2 + VOCAB * d * (n + 1)
+    return decomposed / forward
+
+
+def seed_for(kind: str, layers: int, hidden: int) -> object:
+    import fxdepass
+
+    if kind == "tokens":
+        return fxdepass.tokens()
+    if kind == "heads":
+        return fxdepass.heads(layers // 2)
+    if kind == "neurons":
+        return fxdepass.neurons(layers // 2, group_size=16)
+    basis = torch.randn(hidden, 8, generator=torch.Generator().manual_seed(0))
+    projector = fxdepass.orthogonal_projector(basis)
+    return fxdepass.subspace(layers // 2, [projector, torch.eye(hidden) - projector])
+
+
+class RssSampler:
+    """Samples this process's resident memory in a thread: the peak above the level at start."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
+    import fxdepass
+
+    torch.set_num_threads(2)
+    model = build(family, size)
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+    start = time.perf_counter()
+    decomposed = fxdepass.compile(model)
+    compile_time = time.perf_counter() - start
+    seed = seed_for(kind, SIZES[size]["layers"], SIZES[size]["hidden"])
+    target = None
+    with torch.no_grad():
+        target = int(model(ids).logits[0, -1].argmax())
+    decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)  # warm-up
+    times = []
+    with RssSampler() as memory:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            attribution = decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
+            times.append(time.perf_counter() - start)
+    components = attribution.components.shape[0]
+    batch = ids.expand(n, n).contiguous()
+    with torch.no_grad():
+        model(batch[:2])
+        start = time.perf_counter()
+        model(batch)
+        forward = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "family": family, "size": size, "n": n, "seed": kind, "components": components,
+        "compile_s": compile_time, "attribute_s": statistics.median(times), "forward_s": forward,
+        "ratio": statistics.median(times) / forward, "floor": flop_floor(family, size, n) if kind == "tokens" else None,
+        "peak_rss": memory.peak - memory.base + weights, "process_rss": memory.peak, "weights": weights,
+        "budget": 2.5 * components * n * SIZES[size]["hidden"] * 4 + weights,
+        "error": attribution.reconstruction_error(),
+    }
+
+
+def configurations() -> list[tuple[str, str, int, str, int]]:
+    configs = []
+    for family in ("llama", "gpt2", "mixtral"):
+        for n in LENGTHS:
+            configs.append((family, "small", n, "tokens", 3))
+    for family in ("llama", "gpt2"):
+        for n in LENGTHS[:4]:
+            configs.append((family, "medium", n, "tokens", 3))
+    for kind in ("heads", "neurons", "subspace"):
+        for n in (32, 128):
+            configs.append(("llama", "small", n, kind, 3))
+    return configs
+
+
+def growth(rows: list[dict]) -> float | None:
+    points = [(math.log(r["n"]), math.log(r["attribute_s"])) for r in rows if r["attribute_s"] > 0]
+    if len(points) < 2:
+        return None
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def report(rows: list[dict], failures: list[str], wall: float) -> str:
+    mb = 1 / 2**20
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `make bench` (`python tools/bench.py`); do not edit by hand. "
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, float32, `OMP_WAIT_POLICY=PASSIVE`, "
+        f"{torch.get_num_threads()} threads. Whole run: {wall / 60:.1f} min.",
+        "",
+        "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
+        "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
+        "batch of M = N copies of the prompt, measured in the same process. *floor* = the matmul multiply-add count "
+        "of the decomposed pass over that of the batched forward (see `flop_floor`). *peak RSS* is the process's "
+        "resident memory the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
+        "*budget* = 2.5·(M+1)·N·d·4 bytes + weights.",
+        "",
+        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | peak MB | budget MB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "—"
+        lines.append(
+            f"| {r['family']} | {r['size']} | {r['seed']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
+            f"{r['forward_s']:.2f} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | {r['budget'] * mb:.0f} | "
+            f"{r['error']:.1e} |"
+        )
+    lines += ["", "Growth of attribution time with N (least-squares slope of log time on log N):", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["size"], r["seed"]), []).append(r)
+    for (family, size, seed), group in groups.items():
+        slope = growth(group)
+        if slope is not None:
+            lines.append(f"- {family} {size} {seed}: N^{slope:.2f}")
+    if failures:
+        lines += ["", "Configurations that failed:", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", nargs=4, metavar=("FAMILY", "SIZE", "N", "SEED"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    args = parser.parse_args()
+    if args.one:
+        family, size, n, kind = args.one
+        print(json.dumps(run_one(family, size, int(n), kind, args.repeats)))
+        return 0
+    rows, failures = [], []
+    began = time.perf_counter()
+    for family, size, n, kind, repeats in configurations():
+        command = [sys.executable, __file__, "--one", family, size, str(n), kind, "--repeats", str(repeats)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if done.returncode == 0:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{family} {size} {kind} N={n}: ratio {r['ratio']:.2f} ({r['attribute_s']:.2f}s / {r['forward_s']:.2f}s)",
+                  flush=True)
+        else:
+            reason = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+            failures.append(f"{family} {size} {kind} N={n}: {reason}")
+            print("FAILED", failures[-1], flush=True)
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(report(rows, failures, time.perf_counter() - began))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
