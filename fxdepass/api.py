@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -10,7 +11,14 @@ import torch.fx
 
 from .blocked import BlockedInterpreter, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs
-from .errors import CaptureError, InvalidInputError, InvalidReadoutError, OutOfMemoryEstimateError
+from .diagnose import diagnose
+from .errors import (
+    CaptureError,
+    InvalidInputError,
+    InvalidReadoutError,
+    OutOfMemoryEstimateError,
+    ReconstructionError,
+)
 from .locations import Locations
 from .readouts import readout_nodes
 from .rewrite import Policy, build_module
@@ -19,6 +27,9 @@ from fxdepass.rules.activations import ALLOCATIONS
 from fxdepass.rules.linear import linear_map
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
+
+#: largest relative reconstruction error accepted per compute dtype (SPEC §5)
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 #: positions per causal block at least: smaller blocks save less than their Python overhead costs
 BLOCK_POSITIONS = 16
@@ -127,6 +138,7 @@ class DecomposedModel:
         self.policy = Policy(activation, float(temperature))
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = dtype or self.model_dtype
         self._explicit_dtype = dtype is not None
         self.input_names = model_inputs(model)
@@ -211,23 +223,42 @@ class DecomposedModel:
     # -- attribution ---------------------------------------------------------------------------
 
     def _validate_ids(self, input_ids: Any) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        try:
+            ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InvalidInputError(f"input_ids must be a [batch, length] tensor of token ids: {error}") from None
         if ids.ndim == 1:
             ids = ids.unsqueeze(0)
         if ids.ndim != 2 or ids.numel() == 0:
             raise InvalidInputError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise InvalidInputError(f"input_ids must hold integer token ids, got {ids.dtype}")
+        if ids.device != self.device:
+            raise InvalidInputError(f"input_ids are on {ids.device} but the model is on {self.device}; move them with .to()")
         if self.vocab_size is not None and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
-            raise InvalidInputError(f"input_ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
+            raise InvalidInputError(f"input_ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and ids.shape[1] > limit:
+            raise InvalidInputError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {limit} "
+                                    "(config.max_position_embeddings)")
         return ids.long()
 
     def _inputs(self, ids: torch.Tensor, attention_mask: Any = None) -> dict[str, torch.Tensor]:
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = torch.as_tensor(attention_mask)
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise InvalidInputError("attention_mask must hold 0 (padding) and 1 (token) only")
+            mask = mask.long()
         if mask.ndim == 1:
             mask = mask.unsqueeze(0)
         if mask.shape != ids.shape:
             raise InvalidInputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+        if mask.device != ids.device:
+            raise InvalidInputError(f"attention_mask is on {mask.device} but input_ids are on {ids.device}")
+        if bool((mask.sum(-1) == 0).any()):
+            raise InvalidInputError("every prompt needs at least one token the attention_mask keeps")
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in self.input_names:
             # Left-padded prompts keep the positions they would have alone.
@@ -244,6 +275,7 @@ class DecomposedModel:
         targets: Any = None,
         last_position: bool = False,
         memory_limit: int | None = None,
+        strict: bool = False,
     ) -> Attribution | dict[str, Attribution]:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
 
@@ -253,6 +285,10 @@ class DecomposedModel:
         run there only; with ``targets`` the head computes only those token ids' rows.
         ``memory_limit`` (bytes; default 80% of the available memory) bounds the estimated peak of
         the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
+        Every result is checked: components summing to the real value within :data:`TOLERANCE` of the
+        compute dtype, everything finite.  A failed sum warns (``strict=True``: raises
+        :class:`ReconstructionError`) naming the first node where the sum diverges; NaN or inf raises
+        :class:`InvalidInputError` naming the first node that produced it.
 
         >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
         ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
@@ -314,7 +350,28 @@ class DecomposedModel:
             total = torch.nn.functional.linear(hidden.total, *rows)
             results["logits"] = Attribution(components, total, labels, ids, "logits", target_tensor, positions=positions,
                                             vocabulary=target_tensor)
+        self._check(results, module, arguments, strict)
         return results[names[0]] if isinstance(readout, str) else {n: results[n] for n in names}
+
+    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool) -> None:
+        """Check finiteness and the reconstruction of every result; explain a failure by its first node."""
+        tolerance = TOLERANCE.get(self.dtype, 1e-2)
+        finite = all(bool(torch.isfinite(a.components).all() and torch.isfinite(a.total).all()) for a in results.values())
+        errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
+        if finite and all(e <= tolerance for e in errors.values()):
+            return
+        found = diagnose(module, arguments, tolerance)
+        if not finite:
+            raise InvalidInputError(
+                "the pass produced NaN or inf" + (f", first at {found.not_finite}" if found.not_finite else "")
+                + "; check the model's weights and the inputs for NaN/inf or overflow (try dtype=torch.float64)"
+            )
+        worst = max(errors, key=errors.get)
+        message = (f"components of {worst!r} do not sum to the real value: error {errors[worst]:.2e} > {tolerance:.0e}"
+                   + (f"; the sum first diverges at {found.diverges}" if found.diverges else ""))
+        if strict:
+            raise ReconstructionError(message)
+        warnings.warn("fxdepass: " + message, stacklevel=3)
 
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
                         components: int) -> int:

@@ -206,6 +206,7 @@ class Subspace(Seed):
     layer: int
     projectors: tuple[torch.Tensor, ...]
     names: tuple[str, ...] | None = None
+    check: bool = False
 
     def __post_init__(self) -> None:
         projectors = tuple(torch.as_tensor(p) for p in self.projectors)
@@ -214,6 +215,10 @@ class Subspace(Seed):
         for k, p in enumerate(projectors):
             if p.ndim != 2 or p.shape[0] != p.shape[1]:
                 raise InvalidSeedError(f"subspace(): projector {k} must be a square [d, d] matrix, got shape {tuple(p.shape)}")
+            if not bool(torch.isfinite(p).all()):
+                raise InvalidSeedError(f"subspace(): projector {k} holds NaN or inf")
+            if self.check and not torch.allclose(p.double() @ p.double(), p.double(), atol=1e-6):
+                raise InvalidSeedError(f"subspace(): projector {k} is not a projection (P·P ≠ P)")
         object.__setattr__(self, "projectors", projectors)
 
     def points(self, where: Locations) -> list[SeedPoint]:
@@ -274,9 +279,11 @@ def modules(layer: int) -> Modules:
     return Modules(layer)
 
 
-def subspace(layer: int, projectors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> Subspace:
-    """Subspace seed on the residual stream entering ``layer``; see :class:`Subspace`."""
-    return Subspace(layer, tuple(projectors), None if names is None else tuple(names))
+def subspace(layer: int, projectors: Sequence[torch.Tensor], names: Sequence[str] | None = None,
+             check: bool = False) -> Subspace:
+    """Subspace seed on the residual stream entering ``layer``; see :class:`Subspace`.  ``check=True``
+    verifies that every matrix is a projection (``P·P = P``)."""
+    return Subspace(layer, tuple(projectors), None if names is None else tuple(names), check)
 
 
 def custom(path: str, where: str = "output", split: Callable[[torch.Tensor], torch.Tensor] | None = None,
