@@ -127,6 +127,7 @@ class DecomposedModel:
         dtype: torch.dtype | None = None,
         tokenizer: Any = None,
         causal_blocks: int = 8,
+        torch_compile: bool = False,
     ):
         if activation not in ALLOCATIONS:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
@@ -135,6 +136,7 @@ class DecomposedModel:
         self.model = model
         self.tokenizer = tokenizer
         self.causal_blocks = int(causal_blocks)
+        self.torch_compile = bool(torch_compile)
         self.policy = Policy(activation, float(temperature))
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
@@ -325,6 +327,10 @@ class DecomposedModel:
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, batch, blocks,
                                             last_position_only=restrict)
                 outputs = runner.run(*arguments)
+            elif self.torch_compile:
+                if "compiled" not in module.meta:
+                    module.meta["compiled"] = torch.compile(module, dynamic=True)
+                outputs = module.meta["compiled"](*arguments)
             else:
                 outputs = module(*arguments)
         if labels is None:
@@ -514,6 +520,7 @@ def compile(
     dtype: torch.dtype | None = None,
     tokenizer: Any = None,
     causal_blocks: int = 8,
+    torch_compile: bool = False,
 ) -> DecomposedModel:
     """Compile a Hugging Face model for DePass attribution.
 
@@ -521,6 +528,8 @@ def compile(
     ``temperature`` for softmax; ``dtype=torch.float64`` runs real and decomposed passes in float64.
     ``causal_blocks`` splits token components of a causal model into that many blocks so that the
     zeros before each token's position are never computed (0 or 1: one dense block).
+    ``torch_compile=True`` runs the dense generated module through ``torch.compile`` (measured in
+    docs/performance.md: compiling takes minutes and did not pay off on CPU there).
     The model itself is never modified.
 
     >>> decomposed = fxdepass.compile(model, dtype=torch.float64)              # doctest: +SKIP
@@ -528,7 +537,7 @@ def compile(
     """
     decomposed = DecomposedModel(
         model, example_inputs=example_inputs, activation=activation, temperature=temperature, dtype=dtype,
-        tokenizer=tokenizer, causal_blocks=causal_blocks,
+        tokenizer=tokenizer, causal_blocks=causal_blocks, torch_compile=torch_compile,
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed
