@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test env clean
+.PHONY: demo test coverage bench env clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest -q tests
+
+# Regenerates docs/coverage.md: every text model family of the installed transformers, tiny, float64.
+coverage: env
+	$(BIN)/python tools/coverage.py
+
+# Regenerates docs/performance.md: attribution against the batched forward of M copies (about 15 minutes).
+bench: env
+	$(BIN)/python tools/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
