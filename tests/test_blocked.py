@@ -9,7 +9,7 @@ import fxdepass
 from conftest import relative_error
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt", "gemma", "phi", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi", "mistral"])
 def test_blocks_equal_dense(family: str) -> None:
     model = families.build(family, layers=2, seed=4)
     dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0)
