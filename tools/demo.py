@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import fxdepass  # noqa: E402
@@ -46,6 +47,7 @@ def bar(score: float, largest: float) -> str:
 
 def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    transformers.utils.logging.disable_progress_bar()
     ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
@@ -94,6 +96,8 @@ def main() -> None:
         folded = sum(s for _, s in ranked[len(shown):])
         print(f"  {'…':>4}  {f'{len(ranked) - len(shown)} more':<18} {folded:>+9.4f}  (sum)")
     total = float(scores.sum())
+    best, best_score = ranked[0]
+    print(f"  → {best} alone gives {best_score / float(real[target]):.0%} of the logit")
     print()
     print(f"sum of contributions {total:.6f}   real logit {float(real[target]):.6f}   "
           f"difference {abs(total - float(real[target])):.1e}")
