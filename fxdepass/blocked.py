@@ -176,9 +176,10 @@ class BlockedInterpreter(torch.fx.Interpreter):
         for axis in self.axes(real):
             shape[axis] = self.length - base
         like = value.parts[0].new_empty(shape)
-        full = like.new_zeros(self.length + 1, *like.shape)
+        count = sum(part.shape[0] for part in value.parts)  # one block holds any seed's components
+        full = like.new_zeros(count, *like.shape)
         for k, part in enumerate(value.parts):
-            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else self.length)
+            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else count - 1)
             index = [slice(first, end)] + [slice(None)] * like.ndim
             for axis in self.axes(real):
                 index[axis + 1] = slice(value.starts[k] - base, None)
@@ -193,7 +194,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         """Blocks of dense components given at positions ``≥ base``."""
         parts = []
         for k, start in enumerate(starts):
-            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else self.length)
+            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else full.shape[0] - 1)
             part = full[first:end] if k else torch.cat((full[first:end], full[-1:]))
             parts.append(self._narrow_tensor(real, part, start - base, offset=1) if start > base else part)
         return Blocks(parts, list(starts))

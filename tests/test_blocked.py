@@ -41,10 +41,12 @@ def test_last_position_and_target_rows_equal_full_readout(family: str) -> None:
     decomposed = fxdepass.compile(families.build(family, layers=2, seed=6), dtype=torch.float64)
     ids = torch.randint(0, families.VOCAB, (1, 21), generator=torch.Generator().manual_seed(5))
     readout = "hidden" if family == "bert" else "logits"
+    for seed in (fxdepass.tokens(), fxdepass.heads(1), fxdepass.neurons(0, group_size=8)):
+        full = decomposed.attribute(ids, readout=readout, seed=seed)
+        last = decomposed.attribute(ids, readout=readout, seed=seed, last_position=True)
+        assert last.components.shape[2] == 1 and last.positions == [20]
+        assert relative_error(last.components, full.components[:, :, -1:]) <= 1e-12
     full = decomposed.attribute(ids, readout=readout)
-    last = decomposed.attribute(ids, readout=readout, last_position=True)
-    assert last.components.shape[2] == 1 and last.positions == [20]
-    assert relative_error(last.components, full.components[:, :, -1:]) <= 1e-12
     if readout == "logits":
         rows = decomposed.attribute(ids, targets=[3, 7], last_position=True)
         assert rows.components.shape[-1] == 2 and rows.reconstruction_error() <= 1e-9
