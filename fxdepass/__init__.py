@@ -7,6 +7,7 @@
 """
 from fxdepass import rules  # noqa: F401  (fills the rule table)
 
+from . import export, report
 from .ablation import ablate
 from .api import Attribution, DecomposedModel, GeneratedAttribution, compile
 from .errors import (
@@ -19,6 +20,7 @@ from .errors import (
     ReconstructionError,
     UnsupportedOpError,
 )
+from .graph import Target, build_graph, resolve_target, seed_graph
 from .seeds import (
     Custom,
     Heads,
@@ -38,6 +40,7 @@ from .seeds import (
 
 __all__ = [
     "compile", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
+    "build_graph", "seed_graph", "Target", "resolve_target", "export", "report",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
     "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",

@@ -100,6 +100,11 @@ class Attribution:
             raise InvalidInputError(f"target {target.tolist()} was not read out (targets: {self.vocabulary.tolist()})")
         return matches.int().argmax(-1)
 
+    def _repr_html_(self) -> str:
+        from .report import attribution_html  # report builds on api
+
+        return attribution_html(self)
+
     def reconstruction_error(self) -> float:
         """Max relative error of the sum of components against the real value (same precision policy)."""
         error = (self.components.sum(self.component_axis) - self.total).abs().max()

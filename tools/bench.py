@@ -41,7 +41,8 @@ def build(family: str, size: str) -> torch.nn.Module:
                                          n_positions=1024, n_inner=s["intermediate"])
     elif family == "mixtral":
         config = transformers.MixtralConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 4,
-                                            num_local_experts=8, num_experts_per_tok=2, **common)
+                                            num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=s["heads"],
+                                            **common)
     else:
         raise ValueError(family)
     torch.manual_seed(0)

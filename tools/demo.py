@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out"  # the demo's report and graph files (ignored by git)
 MODEL_DIR = ROOT / "models" / "kv-recall"
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
@@ -103,6 +104,13 @@ def main() -> None:
           f"difference {abs(total - float(real[target])):.1e}")
     print(f"reconstruction error {attribution.reconstruction_error():.1e}   "
           f"(max |Σ components − logits| / max |logits|, all positions and tokens)")
+    graph = fxdepass.build_graph(decomposed, input_ids)
+    OUT.mkdir(exist_ok=True)
+    report = fxdepass.report.write_report(graph, OUT / "demo.html", title="fxdepass demo: key-value recall")
+    fxdepass.export.write_graphml(graph, OUT / "demo.graphml")
+    fxdepass.export.write_circuit_json(graph, OUT / "demo.json")
+    print(f"attribution graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, explains "
+          f"{graph.graph['explained_fraction']:.0%} of the logit → {report.relative_to(ROOT)} (+ .dot, .graphml, .json)")
 
 
 if __name__ == "__main__":

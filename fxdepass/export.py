@@ -1,0 +1,223 @@
+"""Export attribution graphs (:mod:`fxdepass.graph`): DOT (pydot), GraphML (networkx) and circuit-tracer JSON.
+
+docs/graph-format.md documents the node kinds, their attributes and how they map onto circuit-tracer's
+fields (:data:`CIRCUIT_SCHEMA` is that mapping's JSON Schema).
+
+>>> write_dot(graph, "out/graph.dot"); write_graphml(graph, "out/graph.graphml")       # doctest: +SKIP
+>>> write_circuit_json(graph, "out/graph.json")                                        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import pydot
+
+__all__ = ["to_pydot", "write_dot", "write_graphml", "to_circuit_json", "write_circuit_json", "CIRCUIT_SCHEMA",
+           "signed_colour"]
+
+#: JSON Schema of :func:`to_circuit_json`'s output (the fields circuit-tracer's front end reads)
+CIRCUIT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["metadata", "qParams", "nodes", "links"],
+    "properties": {
+        "metadata": {
+            "type": "object",
+            "required": ["slug", "scan", "prompt_tokens", "prompt", "node_threshold", "schema_version"],
+            "properties": {
+                "slug": {"type": "string"},
+                "scan": {"type": "string"},
+                "transcoder_list": {"type": "array", "items": {"type": "string"}},
+                "prompt_tokens": {"type": "array", "items": {"type": "string"}},
+                "prompt": {"type": "string"},
+                "node_threshold": {"type": "number"},
+                "schema_version": {"type": "integer"},
+                "fxdepass": {"type": "object"},
+            },
+        },
+        "qParams": {
+            "type": "object",
+            "required": ["pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"],
+            "properties": {
+                "pinnedIds": {"type": "array", "items": {"type": "string"}},
+                "supernodes": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+                "linkType": {"type": "string"},
+                "clickedId": {"type": "string"},
+                "sg_pos": {"type": "string"},
+            },
+        },
+        "nodes": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp", "influence",
+                             "activation", "token_prob", "is_target_logit"],
+                "properties": {
+                    "node_id": {"type": "string"},
+                    "feature": {"type": "integer"},
+                    "layer": {"type": "string"},
+                    "ctx_idx": {"type": "integer", "minimum": 0},
+                    "feature_type": {"enum": ["embedding", "attention head", "mlp block", "attention block", "mlp neuron",
+                                              "token group", "component", "logit"]},
+                    "jsNodeId": {"type": "string"},
+                    "clerp": {"type": "string"},
+                    "influence": {"type": "number"},
+                    "activation": {"type": "number"},
+                    "token_prob": {"type": "number"},
+                    "is_target_logit": {"type": "boolean"},
+                },
+            },
+        },
+        "links": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["source", "target", "weight"],
+                "properties": {"source": {"type": "string"}, "target": {"type": "string"}, "weight": {"type": "number"}},
+            },
+        },
+    },
+}
+
+#: our node kinds → circuit-tracer ``feature_type``
+_FEATURE_TYPES = {"token": "embedding", "head": "attention head", "mlp": "mlp block", "attention": "attention block",
+                  "neuron": "mlp neuron", "group": "token group", "component": "component", "target": "logit"}
+#: ``feature`` of module-level nodes, which have no index of their own
+_MODULE_FEATURES = {"mlp": -1, "attention": -2}
+
+
+def signed_colour(value: float, largest: float, floor: float = 0.0) -> str:
+    """A hex colour for a signed value: blue for positive, red for negative, paler when smaller (but at
+    least ``floor`` of the full colour, so faint edges stay visible).
+
+    >>> signed_colour(1.0, 1.0), signed_colour(-0.5, 1.0), signed_colour(0.0, 1.0)
+    ('#2166ac', '#d88c95', '#ffffff')
+    """
+    share = max(min(abs(value) / largest, 1.0) if largest > 0 else 0.0, floor)
+    end = (0x21, 0x66, 0xAC) if value >= 0 else (0xB2, 0x18, 0x2B)
+    channels = [round(255 + (c - 255) * share) for c in end]
+    return "#" + "".join(f"{c:02x}" for c in channels)
+
+
+def _dot_text(text: str) -> str:
+    """Text for a DOT label: backslashes doubled (pydot escapes the quotes)."""
+    return text.replace("\\", "\\\\")
+
+
+def to_pydot(graph: nx.DiGraph, max_edges: int | None = None) -> pydot.Dot:
+    """A layered DOT drawing: tokens at the bottom, one rank per stage, the target on top; edge width and
+    colour by signed weight, node colour by signed contribution.  Invisible nodes ``rank{stage}`` chain the
+    ranks.  ``max_edges`` draws only that many of the strongest edges (Graphviz slows down past a few hundred).
+
+    >>> print(to_pydot(graph).to_string())                                              # doctest: +SKIP
+    """
+    drawn = sorted(graph.edges(data="weight"), key=lambda edge: -abs(edge[2]))[:max_edges]
+    title = f"{graph.graph.get('target', 'target')} = {graph.graph.get('value', 0.0):.4g}"
+    if len(drawn) < graph.number_of_edges():
+        title += f" (the {len(drawn)} strongest of {graph.number_of_edges()} edges)"
+    dot = pydot.Dot("attribution", graph_type="digraph", rankdir="BT", bgcolor="white", fontname="Helvetica",
+                    label=_dot_text(title), labelloc="t")
+    contributions = [abs(d["contribution"]) for n, d in graph.nodes(data=True) if d["kind"] != "target"]
+    largest_node = max(contributions, default=0.0)
+    largest_edge = max((abs(w) for *_, w in graph.edges(data="weight")), default=0.0)
+    ranks: dict[int, pydot.Subgraph] = {}
+    for node, data in sorted(graph.nodes(data=True), key=lambda item: (item[1]["stage"], item[1]["position"])):
+        rank = ranks.setdefault(data["stage"], pydot.Subgraph(f"stage{data['stage']}", rank="same"))
+        is_target = data["kind"] == "target"
+        rank.add_node(pydot.Node(
+            node, label=_dot_text(data["label"]) + f"\\n{data['contribution']:+.3g}",
+            shape="doubleoctagon" if is_target else ("box" if data["kind"] == "token" else "ellipse"),
+            style="filled", fillcolor="#ffe680" if is_target else signed_colour(data["contribution"], largest_node),
+            tooltip=_dot_text(f"{data['label']}: contribution {data['contribution']:+.6g}, activation {data['activation']:.4g}"),
+            fontname="Helvetica", fontsize=10))
+    previous = None
+    for stage, rank in sorted(ranks.items()):
+        # An invisible chain through the ranks keeps each stage on its own level even where no edge joins them.
+        rank.add_node(pydot.Node(f"rank{stage}", style="invis", shape="point", width=0, label=""))
+        dot.add_subgraph(rank)
+        if previous is not None:
+            dot.add_edge(pydot.Edge(previous, f"rank{stage}", style="invis"))
+        previous = f"rank{stage}"
+    for source, target, weight in drawn:
+        share = abs(weight) / largest_edge if largest_edge > 0 else 0.0
+        dot.add_edge(pydot.Edge(source, target, penwidth=f"{0.5 + 5.5 * share:.2f}",
+                                color=signed_colour(weight, largest_edge, floor=0.3), tooltip=f"{weight:+.6g}",
+                                arrowsize=0.5))
+    return dot
+
+
+def write_dot(graph: nx.DiGraph, path: str | Path) -> Path:
+    """Write :func:`to_pydot`'s drawing to ``path``."""
+    path = Path(path)
+    path.write_text(to_pydot(graph).to_string(), encoding="utf-8")
+    return path
+
+
+def write_graphml(graph: nx.DiGraph, path: str | Path) -> Path:
+    """GraphML via networkx; graph attributes that are lists or dicts are stored as JSON text.
+
+    >>> json.loads(nx.read_graphml(write_graphml(graph, "g.graphml")).graph["stages"])     # doctest: +SKIP
+    """
+    path = Path(path)
+    copy = graph.copy()
+    copy.graph = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in graph.graph.items()}
+    nx.write_graphml(copy, path)
+    return path
+
+
+def _circuit_node(data: dict[str, Any], vocab_id: int, layers: int, length: int, probability: float) -> dict[str, Any]:
+    """One node in circuit-tracer's fields (docs/graph-format.md has the table)."""
+    kind, position = data["kind"], int(data["position"])
+    if kind in ("token", "group"):
+        feature, layer = (position if kind == "token" else data["index"]), "E"
+        node_id = f"E_{vocab_id if kind == 'token' else feature}_{position}"
+        clerp = data["label"]
+    elif kind == "target":
+        feature, layer = data["index"], str(layers + 1)
+        node_id = f"{layer}_{feature}_{position}"
+        clerp = f'Output "{data["token"]}" (p={probability:.3f})'
+    else:
+        feature, layer = _MODULE_FEATURES.get(kind, data["index"]), str(data["layer"])
+        node_id = f"{layer}_{feature}_{position}"
+        clerp = data["label"]
+    return {
+        "node_id": node_id, "feature": int(feature), "layer": layer, "ctx_idx": position,
+        "reverse_ctx_idx": length - 1 - position, "feature_type": _FEATURE_TYPES[kind],
+        "jsNodeId": f"{node_id.rsplit('_', 1)[0]}-{position}", "clerp": clerp,
+        "influence": float(data["influence"]), "activation": float(data["activation"]),
+        "token_prob": probability if kind == "target" else 0.0, "is_target_logit": kind == "target",
+    }
+
+
+def to_circuit_json(graph: nx.DiGraph, *, slug: str = "fxdepass") -> dict[str, Any]:
+    """The graph in circuit-tracer's JSON schema (:data:`CIRCUIT_SCHEMA`; mapping in docs/graph-format.md).
+
+    >>> sorted(to_circuit_json(graph))                                                  # doctest: +SKIP
+    ['links', 'metadata', 'nodes', 'qParams']
+    """
+    info = graph.graph
+    tokens = list(info.get("prompt_tokens", []))
+    layers = max([d["layer"] for _, d in graph.nodes(data=True) if d["kind"] == "target"], default=0)
+    probability = float(info.get("probability", 1.0))
+    vocab_ids = list(info.get("input_ids", []))
+    ids = {n: _circuit_node(d, vocab_ids[d["position"]] if d["kind"] == "token" else -1, layers, len(tokens),
+                            probability) for n, d in graph.nodes(data=True)}
+    extras = {k: v for k, v in info.items() if k not in ("prompt_tokens", "prompt")}
+    return {
+        "metadata": {"slug": slug, "scan": "fxdepass", "transcoder_list": [], "prompt_tokens": tokens,
+                     "prompt": info.get("prompt", "".join(tokens)), "node_threshold": float(info.get("node_threshold", 1.0)),
+                     "schema_version": 1, "fxdepass": extras},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": list(ids.values()),
+        "links": [{"source": ids[s]["node_id"], "target": ids[t]["node_id"], "weight": float(w)}
+                  for s, t, w in graph.edges(data="weight")],
+    }
+
+
+def write_circuit_json(graph: nx.DiGraph, path: str | Path, *, slug: str | None = None) -> Path:
+    """Write :func:`to_circuit_json` to ``path`` (slug: the file's stem)."""
+    path = Path(path)
+    path.write_text(json.dumps(to_circuit_json(graph, slug=slug or path.stem), indent=1), encoding="utf-8")
+    return path

@@ -1,0 +1,259 @@
+"""Self-contained HTML reports of attribution graphs and attributions (no network: inline CSS, JS and SVG).
+
+:func:`report_html` shows the prompt's tokens coloured by their signed contribution to the target
+(tooltips with the values), a heatmap of tokens × layers (from the ``"layers"`` readout: each token's
+share of the residual stream after each layer at the target position, projected on the unit vector of
+the target's unembedding row; docs/graph-format.md), the strongest nodes, the stage budget and the
+graph drawn by Graphviz (``dot``) when it is installed.  :func:`attribution_html` is the compact
+fragment Jupyter shows for an :class:`~fxdepass.api.Attribution`.
+
+>>> write_report(build_graph(decomposed, ids), "out/report.html")                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import html
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .api import Attribution
+from .export import signed_colour, to_pydot, write_dot
+
+__all__ = ["report_html", "write_report", "render_svg", "attribution_html"]
+
+_STYLE = """
+.fxdepass{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;line-height:1.45}
+.fxdepass h1{font-size:1.4em;margin:.2em 0}.fxdepass h2{font-size:1.1em;margin:1.2em 0 .4em}
+.fxdepass .meta{color:#555}.fxdepass .note{color:#666;font-size:.85em;max-width:60em}
+.fxdepass .tokens{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,Menlo,Consolas,monospace}
+.fxdepass .tok{padding:2px 5px;border-radius:3px;border:1px solid #ccc;white-space:pre;cursor:default}
+.fxdepass .tok.on{outline:2px solid #222}
+.fxdepass table{border-collapse:collapse;font-size:.85em}
+.fxdepass td,.fxdepass th{padding:2px 6px;border:1px solid #e3e3e3;text-align:right}
+.fxdepass th{background:#f4f4f4;font-weight:600}.fxdepass td.l,.fxdepass th.l{text-align:left}
+.fxdepass .heat td{min-width:2.2em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em}
+.fxdepass .heat td.on,.fxdepass .heat th.on{outline:2px solid #222}
+.fxdepass .graph{overflow:auto;border:1px solid #e3e3e3;max-height:80vh}
+.fxdepass .missing{background:#fff6d6;border:1px solid #e8d48a;padding:.5em .8em;display:inline-block}
+"""
+
+# Hovering a token marks its heatmap column and vice versa; the page is complete without it.
+_SCRIPT = """
+(function () {
+  "use strict";
+  function mark(position, on) {
+    document.querySelectorAll('[data-position="' + position + '"]').forEach(function (el) {
+      el.classList.toggle("on", on);
+    });
+  }
+  document.querySelectorAll("[data-position]").forEach(function (el) {
+    el.addEventListener("mouseenter", function () { mark(el.dataset.position, true); });
+    el.addEventListener("mouseleave", function () { mark(el.dataset.position, false); });
+  });
+  document.body.dataset.ready = "1";
+})();
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _ink(background: str) -> str:
+    """Black or white text, whichever reads better on ``background`` (``#rrggbb``)."""
+    r, g, b = (int(background[i:i + 2], 16) for i in (1, 3, 5))
+    return "#fff" if 0.299 * r + 0.587 * g + 0.114 * b < 140 else "#111"
+
+
+def _chip(text: str, value: float | None, largest: float, tooltip: str, position: int | None = None) -> str:
+    """One token (or component) coloured by its signed value, with a tooltip."""
+    colour = signed_colour(value, largest) if value is not None else "#ffffff"
+    where = f' data-position="{position}"' if position is not None else ""
+    return (f'<span class="tok" style="background:{colour};color:{_ink(colour)}" title="{_e(tooltip)}"{where}>'
+            f"{_e(text) or '&nbsp;'}</span>")
+
+
+def _token_strip(graph: nx.DiGraph) -> str:
+    tokens = graph.graph["prompt_tokens"]
+    by_position = {d["position"]: d["contribution"] for _, d in graph.nodes(data=True) if d["kind"] == "token"}
+    largest = max((abs(v) for v in by_position.values()), default=0.0)
+    value = graph.graph["value"]
+    chips = []
+    for position, text in enumerate(tokens):
+        score = by_position.get(position)
+        if score is None:
+            tip = f"position {position}: {text!r}"
+        else:
+            share = f" ({100 * score / value:+.1f}% of the target)" if value else ""
+            tip = f"position {position}: {text!r} contributes {score:+.6g}{share}"
+        chips.append(_chip(text, score, largest, tip, position))
+    rest = graph.graph["stages"][0]["rest"] if "stages" in graph.graph else graph.graph["rest"]
+    note = ("Blue tokens push the target up, red ones push it down; hover for values. The token contributions "
+            f"plus rest ({rest:+.4g}) add up to the target's value.")
+    if not by_position:
+        note = "This attribution's components are not tokens: the prompt is shown uncoloured."
+    return f'<div class="tokens">{"".join(chips)}</div><p class="note">{_e(note)}</p>'
+
+
+def _heatmap(graph: nx.DiGraph) -> str:
+    scores: list[list[float]] = graph.graph["layer_scores"]
+    labels: list[str] = graph.graph["layer_labels"]
+    tokens: list[str] = graph.graph["prompt_tokens"]
+    largest = max((abs(v) for row in scores for v in row), default=0.0)
+    digits = min(max(2 - math.floor(math.log10(largest)), 0), 4) if largest > 0 else 2   # about 3 significant digits
+    head = "".join(f'<th data-position="{p}" title="{_e(t)}">{_e(t)}</th>' for p, t in enumerate(tokens))
+    rows = []
+    for label, row in reversed(list(zip(labels, scores))):                   # last layer on top, like the graph
+        cells = "".join(
+            f'<td data-position="{p}" style="background:{signed_colour(v, largest)};color:{_ink(signed_colour(v, largest))}" '
+            f'title="{_e(f"{label}, position {p} {tokens[p]!r}: {v:+.6g}")}">{v:+.{digits}f}</td>' for p, v in enumerate(row))
+        rows.append(f'<tr><th class="l">{_e(label)}</th>{cells}</tr>')
+    return (f'<table class="heat"><tr><th class="l">layer \\ token</th>{head}</tr>{"".join(rows)}</table>'
+            "<p class=\"note\">Each cell: that token's DePass component of the residual stream after the layer, "
+            f"{_e(_heatmap_meaning(graph))}.</p>")
+
+
+def _heatmap_meaning(graph: nx.DiGraph) -> str:
+    if graph.graph.get("readout") == "logits":
+        return ("at the target position, projected on the unit vector of the target's unembedding row (no final norm: "
+                "a logit lens that keeps layers comparable)")
+    return "averaged over positions and projected on the direction of the target embedding"
+
+
+def _node_table(graph: nx.DiGraph, count: int = 15) -> str:
+    nodes = [d for _, d in graph.nodes(data=True) if d["kind"] != "target"]
+    nodes.sort(key=lambda d: -abs(d["contribution"]))
+    rows = "".join(
+        f'<tr><td class="l">{_e(d["label"])}</td><td class="l">{_e(d["kind"])}</td><td>{d["contribution"]:+.5g}</td>'
+        f'<td>{d["activation"]:.4g}</td></tr>' for d in nodes[:count])
+    return ('<table><tr><th class="l">node</th><th class="l">kind</th><th>contribution</th><th>activation</th></tr>'
+            f"{rows}</table>")
+
+
+def _stage_table(graph: nx.DiGraph) -> str:
+    rows = "".join(
+        f'<tr><td class="l">{_e(s["stage"])}</td><td>{s["kept"]:+.5g}</td><td>{s["pruned"]:+.5g}</td><td>{s["rest"]:+.5g}</td>'
+        f'<td>{s["kept"] + s["pruned"] + s["rest"]:+.6g}</td></tr>' for s in graph.graph["stages"])
+    return ('<table><tr><th class="l">stage</th><th>kept nodes</th><th>pruned nodes</th><th>rest</th><th>sum</th></tr>'
+            f'{rows}</table><p class="note">Every stage splits the same target value: its kept nodes\' edges into the '
+            "target, what pruning removed, and rest (biases, and for a layer the residual stream entering it).</p>")
+
+
+def render_svg(graph: nx.DiGraph, *, max_edges: int = 400, timeout: float = 60.0) -> tuple[str | None, str]:
+    """(the graph drawn by Graphviz as inline SVG, a note for the reader): no SVG when ``dot`` is missing or
+    fails; at most ``max_edges`` of the strongest edges are drawn.
+
+    >>> svg, note = render_svg(graph)                                                   # doctest: +SKIP
+    """
+    dot = shutil.which("dot")
+    if dot is None:
+        return None, ("Graphviz (<code>dot</code>) is not installed, so the graph is not drawn here: install it "
+                      "(<code>apt-get install graphviz</code>, <code>brew install graphviz</code>).")
+    drawing = to_pydot(graph, max_edges=max_edges).to_string().encode()
+    try:
+        result = subprocess.run([dot, "-Tsvg"], input=drawing, capture_output=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return None, f"Graphviz (<code>dot</code>) did not finish drawing within {timeout:.0f} s."
+    except subprocess.CalledProcessError as error:
+        return None, f"Graphviz (<code>dot</code>) failed: {_e(error.stderr.decode(errors='replace').strip()[:300])}"
+    svg = result.stdout.decode("utf-8")
+    svg = re.sub(r"<!--.*?-->", "", svg[svg.index("<svg"):], flags=re.S)      # no XML prolog, DOCTYPE or comments
+    shown = min(max_edges, graph.number_of_edges())
+    note = f"The {shown} strongest of {graph.number_of_edges()} edges are drawn." if shown < graph.number_of_edges() else ""
+    return svg, note
+
+
+def _graph_section(svg: str | None, note: str, dot_name: str | None) -> str:
+    if svg is not None:
+        return f'<div class="graph">{svg}</div>' + (f'<p class="note">{note}</p>' if note else "")
+    where = f" The whole graph is in <code>{_e(dot_name)}</code>; render it with <code>dot -Tsvg</code>." if dot_name else ""
+    return f'<p class="missing">{note}{where}</p>'
+
+
+def _summary(graph: nx.DiGraph) -> str:
+    info = graph.graph
+    parts = [f"model {_e(info.get('model', ''))}", f"target {_e(info['target'])} = {info['value']:+.6g}"]
+    if info.get("readout") == "logits":
+        parts.append(f"p = {info.get('probability', 0.0):.3f}")
+    if "stages" in info:
+        parts.append(f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges after pruning "
+                     f"(node threshold {info['node_threshold']}, edge threshold {info['edge_threshold']})")
+        parts.append(f"explained fraction {info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
+    return " · ".join(parts)
+
+
+def report_html(graph: nx.DiGraph, drawing: tuple[str | None, str], *, dot_name: str | None = None,
+                title: str = "fxdepass attribution") -> str:
+    """The full report page for a graph from :func:`fxdepass.graph.build_graph` or :func:`~fxdepass.graph.seed_graph`.
+
+    ``drawing`` is :func:`render_svg`'s (SVG or ``None``, note); without an SVG the page gives the note and
+    names ``dot_name``, the DOT file written beside it.
+
+    >>> page = report_html(graph, render_svg(graph), dot_name="report.dot")             # doctest: +SKIP
+    """
+    sections = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{_summary(graph)}</p>',
+                f"<p class=\"meta\">prompt: <code>{_e(graph.graph.get('prompt', ''))}</code></p>",
+                f"<h2>Tokens, coloured by contribution to {_e(graph.graph['target'])}</h2>", _token_strip(graph)]
+    if graph.graph.get("layer_scores"):
+        sections += ["<h2>Tokens × layers</h2>", _heatmap(graph)]
+    sections += ["<h2>Strongest nodes</h2>", _node_table(graph)]
+    if "stages" in graph.graph:
+        sections += ["<h2>Where the target's value goes, stage by stage</h2>", _stage_table(graph)]
+    sections += ["<h2>Attribution graph</h2>", _graph_section(*drawing, dot_name),
+                 '<p class="note">Tokens at the bottom, the target on top; edge width and colour show the signed weight '
+                 "(blue positive, red negative). Every number is an exact DePass component (docs/graph-format.md).</p>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}: {_e(graph.graph['target'])}</title><style>{_STYLE}</style></head>"
+            f'<body class="fxdepass">{"".join(sections)}<script>{_SCRIPT}</script></body></html>\n')
+
+
+def write_report(graph: nx.DiGraph, path: str | Path, *, title: str = "fxdepass attribution") -> Path:
+    """Write the report to ``path`` and the graph's DOT file beside it (``path`` with suffix ``.dot``),
+    which is all there is of the drawing when Graphviz is missing.
+
+    >>> write_report(graph, "out/report.html")                                          # doctest: +SKIP
+    PosixPath('out/report.html')
+    """
+    path = Path(path)
+    dot_path = write_dot(graph, path.with_suffix(".dot"))
+    path.write_text(report_html(graph, render_svg(graph), dot_name=dot_path.name, title=title), encoding="utf-8")
+    return path
+
+
+def _readout_scores(attribution: Attribution) -> tuple[torch.Tensor, str]:
+    """Per-component scores of an attribution for display, and what they measure."""
+    if attribution.readout == "logits":
+        return attribution.scores(), "contribution to the target logit (given, or the predicted token) at the last position"
+    layered = attribution.component_axis == 1
+    total = attribution.total[-1] if layered else attribution.total
+    parts = attribution.components[-1] if layered else attribution.components
+    value = total[0, -1].reshape(-1) if total.ndim >= 3 else total[0].reshape(-1)
+    pieces = parts[:, 0, -1].reshape(len(parts), -1) if total.ndim >= 3 else parts[:, 0].reshape(len(parts), -1)
+    norm = value.norm().clamp_min(torch.finfo(value.dtype).tiny)
+    return pieces @ value / norm, f"projection on the {attribution.readout} value at the last position (they add up to its norm)"
+
+
+def attribution_html(attribution: Attribution, count: int = 10) -> str:
+    """A compact HTML fragment of an attribution (Jupyter's ``_repr_html_``): every component as a chip
+    coloured by its score, and the ``count`` strongest in a table.
+
+    >>> from IPython.display import HTML; HTML(attribution_html(decomposed.attribute(ids)))   # doctest: +SKIP
+    """
+    scores, meaning = _readout_scores(attribution)
+    scores = scores if scores.ndim == 1 else scores[:, 0]
+    largest = float(scores[:-1].abs().max()) if len(scores) > 1 else 0.0
+    chips = "".join(_chip(label, float(s), largest, f"{label}: {float(s):+.6g}") for label, s in
+                    zip(attribution.labels, scores.tolist()))
+    order = scores.abs().argsort(descending=True)[:count].tolist()
+    rows = "".join(f'<tr><td class="l">{_e(attribution.labels[i])}</td><td>{float(scores[i]):+.5g}</td></tr>' for i in order)
+    return (f'<div class="fxdepass"><style>{_STYLE}</style>'
+            f'<p class="meta">{len(scores) - 1} components + rest; score = {_e(meaning)}; sum {float(scores.sum()):+.6g}; '
+            f"reconstruction error {attribution.reconstruction_error():.1e}</p>"
+            f'<div class="tokens">{chips}</div><table><tr><th class="l">component</th><th>score</th></tr>{rows}</table></div>')
+
