@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test coverage bench browsers env clean
+.PHONY: demo test coverage bench evaluate browsers env clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ coverage: env
 # Regenerates docs/performance.md: attribution against the batched forward of M copies (about 15 minutes).
 bench: env
 	$(BIN)/python tools/bench.py
+
+# Regenerates docs/faithfulness.md and docs/faithfulness.png (trains models/<task> first when missing).
+evaluate: env
+	$(BIN)/python -m pip install -q -e ".[evaluate]"
+	$(BIN)/python tools/evaluate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -36,9 +36,7 @@ from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "supports_blocks", "block_starts"]
 
-aten = torch.ops.aten
-_ATTENTION_CORES = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
-                    aten._safe_softmax.default}
+
 
 
 @dataclasses.dataclass
@@ -103,7 +101,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self.symbol, self.batch, self.blocks = symbol, batch, blocks
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
-        self.tail = _tail(module) if last_position_only else set()
+        self.tail = self._tail(module) if last_position_only else set()
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         ids = args[0]
@@ -114,6 +112,14 @@ class BlockedInterpreter(torch.fx.Interpreter):
         return super().run(*args, **kwargs)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _tail(self, module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+        """Component nodes after the last one that mixes positions (attention applied to values: a rule
+        reading a real value with two position axes): position-wise, so computable at one position."""
+        nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
+        mixing = [i for i, n in enumerate(nodes) if n.target is scaled_dot_product_attention
+                  or any(len(self.axes(a)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
+        return set(nodes[mixing[-1] + 1:] if mixing else nodes)
 
     def axes(self, node: torch.fx.Node) -> tuple[int, ...]:
         """Position axes of ``node``'s real value (cached)."""
@@ -255,9 +261,3 @@ class BlockedInterpreter(torch.fx.Interpreter):
         return tuple(results)
 
 
-def _tail(module: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """Component nodes after the last attention: position-wise, so computable at one position."""
-    nodes = list(module.graph.nodes)
-    cores = [i for i, n in enumerate(nodes) if n.target in _ATTENTION_CORES]
-    first = cores[-1] + 1 if cores else 0
-    return {n for n in nodes[first:] if "fxdepass_real" in n.meta}

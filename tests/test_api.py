@@ -115,8 +115,9 @@ def test_scores_labels_and_targets(llama64) -> None:
     scores = attribution.scores()
     assert attribution.components.shape[-1] == 1 and attribution.vocabulary.tolist() == [7]  # only that head row
     torch.testing.assert_close(scores.sum(), attribution.total[0, -1, 0])
-    default = llama64.attribute(ids).scores()
-    torch.testing.assert_close(default.sum(), attribution.total[0, -1].max())
+    full = llama64.attribute(ids)
+    torch.testing.assert_close(full.scores().sum(), full.total[0, -1].max())
+    torch.testing.assert_close(full.scores(7), scores)
     assert [label for label, _ in attribution.top(2)] == [attribution.labels[i] for i in scores.abs().argsort(descending=True)[:2]]
 
 

@@ -36,9 +36,10 @@ def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     assert "blocks" not in module.meta  # groups are not position-aligned: dense path
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "bert"])
-def test_last_position_and_target_rows_equal_full_readout(family: str) -> None:
-    decomposed = fxdepass.compile(families.build(family, layers=2, seed=6), dtype=torch.float64)
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"),
+                                              ("gpt_neox", "sdpa"), ("bert", "eager")])
+def test_last_position_and_target_rows_equal_full_readout(family: str, attention: str) -> None:
+    decomposed = fxdepass.compile(families.build(family, layers=2, seed=6, attention=attention), dtype=torch.float64)
     ids = torch.randint(0, families.VOCAB, (1, 21), generator=torch.Generator().manual_seed(5))
     readout = "hidden" if family == "bert" else "logits"
     for seed in (fxdepass.tokens(), fxdepass.heads(1), fxdepass.neurons(0, group_size=8)):

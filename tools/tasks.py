@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 __all__ = [
     "NAMES", "VALUES", "SPECIALS", "TEMPLATE_WORDS", "MIN_FACTS", "MAX_FACTS",
-    "Example", "make_prompts", "vocabulary", "HELD_OUT_SEED",
+    "Example", "make_prompts", "vocabulary", "group", "HELD_OUT_SEED", "TITLE", "DESCRIPTION", "WARMUP_NOTE",
 ]
 
 NAMES = (
@@ -38,6 +38,14 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 TEMPLATE_WORDS = ("has", ".", "what", "does", "have", "?")
 MIN_FACTS, MAX_FACTS = 3, 5
 HELD_OUT_SEED = 1234  # the seed of the held-out evaluation prompts (training uses other seeds)
+
+# What tools/train_tiny.py's TRAINING.md says of the task.
+TITLE = "key-value recall"
+DESCRIPTION = (f"Prompts of {MIN_FACTS}-{MAX_FACTS} facts `NAME has VALUE .` (distinct names from {len(NAMES)}, "
+               f"distinct values\nfrom {len(VALUES)}), then a question about one name; the model must predict that "
+               "name's value at the `?`:")
+WARMUP_NOTE = ("This forms\n   the previous-token and induction heads that recall needs; trained on the task alone, "
+               "the model stays\n   for thousands of steps at picking any value of the prompt (about 1 in 4).")
 
 
 class Example(NamedTuple):
@@ -85,6 +93,15 @@ def make_prompts(n: int, seed: int | str) -> list[Example]:
     """``n`` examples drawn deterministically from ``seed`` (same arguments, same list; str seeds too)."""
     rng = random.Random(seed)
     return [_example(rng) for _ in range(n)]
+
+
+def group(example: Example) -> str:
+    """The accuracy breakdown of training reports: the number of facts.
+
+    >>> group(make_prompts(1, seed=0)[0])
+    '4 facts'
+    """
+    return f"{len(example.positions['values'])} facts"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Train the tiny key-value recall model shipped in ``models/kv-recall`` (deterministic, CPU, a few minutes).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/train_tiny.py
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/train_tiny.py --task ioi     # -> models/ioi
 
-Builds a word-level tokenizer for the task of ``tools/tasks.py`` and trains a small ``LlamaForCausalLM``
-in two phases:
+Builds a word-level tokenizer for the task of ``tools/tasks.py`` (or another task of :data:`TASKS`: each
+is a module with the same interface) and trains a small ``LlamaForCausalLM`` in two phases:
 
 1. *induction warm-up* (``--warmup-steps``): random sequences of task words in which a block of
    12 words is repeated after a random gap; loss on every token of the repeat.  Many targets per
@@ -14,16 +15,18 @@ in two phases:
 With only one target per prompt, a model trained on the task alone sits for thousands of steps at
 "any value of the prompt" (accuracy about 1/number of facts); the warm-up removes that plateau.
 Writes ``config.json``, ``model.safetensors``, the tokenizer files and a generated ``TRAINING.md``
-into ``--out``.
+into ``--out`` (default ``models/<task>``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,13 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "models" / "kv-recall"
 HELD_OUT = 1000
+#: --task → its module in tools/: ``vocabulary()`` (``tasks.SPECIALS`` first), ``make_prompts(n, seed)``,
+#: ``HELD_OUT_SEED``, ``group(example)`` (the accuracy breakdown) and the report's ``TITLE``, ``DESCRIPTION``
+#: and ``WARMUP_NOTE``
+TASKS = {"kv-recall": "tasks", "ioi": "ioi", "induction": "induction"}
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(task: ModuleType = tasks) -> Tokenizer:
     """Word-level tokenizer over the task's words: whitespace split, ``<bos>`` prepended."""
-    vocab = {word: index for index, word in enumerate(tasks.vocabulary())}
+    vocab = {word: index for index, word in enumerate(task.vocabulary())}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bos = vocab["<bos>"]
@@ -53,7 +59,7 @@ def build_tokenizer() -> Tokenizer:
 
 
 def build_model(vocab_size: int, args: argparse.Namespace) -> transformers.LlamaForCausalLM:
-    vocab = tasks.vocabulary()
+    vocab = tasks.vocabulary()  # every task's vocabulary starts with tasks.SPECIALS: the same special ids
     config = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
@@ -104,8 +110,8 @@ def answer_logits(model: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor)
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, examples, pad_id, batch: int = 250) -> tuple[float, dict[int, float]]:
-    """Argmax accuracy over the whole vocabulary, overall and by number of facts."""
+def accuracy(model, tokenizer, examples, pad_id, group=tasks.group, batch: int = 250) -> tuple[float, dict[str, float]]:
+    """Argmax accuracy over the whole vocabulary, overall and by ``group(example)`` (number of facts)."""
     model.eval()
     hits: list[bool] = []
     for start in range(0, len(examples), batch):
@@ -115,15 +121,16 @@ def accuracy(model, tokenizer, examples, pad_id, batch: int = 250) -> tuple[floa
         answers = torch.tensor([tokenizer.token_to_id(e.answer) for e in chunk])
         hits += (predicted == answers).tolist()
     model.train()
-    by_facts: dict[int, list[bool]] = {}
+    by_group: dict[str, list[bool]] = {}
     for example, hit in zip(examples, hits):
-        by_facts.setdefault(len(example.positions["values"]), []).append(hit)
-    return sum(hits) / len(hits), {k: sum(v) / len(v) for k, v in sorted(by_facts.items())}
+        by_group.setdefault(group(example), []).append(hit)
+    return sum(hits) / len(hits), {k: sum(v) / len(v) for k, v in sorted(by_group.items())}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--task", choices=TASKS, default="kv-recall")
+    parser.add_argument("--out", type=Path, default=None, help="default: models/<task>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=64)
@@ -137,7 +144,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=6000, help="at most this many task steps")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--target", type=float, default=0.99, help="stop once held-out accuracy reaches this")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "models" / args.task
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,16 +169,17 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> dict:
     torch.manual_seed(args.seed)
     transformers.utils.logging.disable_progress_bar()
 
-    tokenizer = build_tokenizer()
+    task = importlib.import_module(TASKS[args.task])
+    tokenizer = build_tokenizer(task)
     pad_id = tokenizer.token_to_id("<pad>")
     model = build_model(tokenizer.get_vocab_size(), args)
     model.train()
     parameters = sum(p.numel() for p in model.parameters())
 
-    held_out = tasks.make_prompts(HELD_OUT, tasks.HELD_OUT_SEED)
+    held_out = task.make_prompts(HELD_OUT, task.HELD_OUT_SEED)
     held_out_prompts = {e.prompt for e in held_out}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    print(f"kv-recall: {parameters:,} parameters, {args.layers} layers, hidden {args.hidden}, "
+    print(f"{args.task}: {parameters:,} parameters, {args.layers} layers, hidden {args.hidden}, "
           f"vocab {tokenizer.get_vocab_size()}, {args.threads} thread(s)")
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -188,10 +198,10 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> dict:
                   flush=True)
 
     recent: list[float] = []
-    held_out_accuracy, by_facts, steps, skipped = 0.0, {}, 0, 0
+    held_out_accuracy, by_group, steps, skipped = 0.0, {}, 0, 0
     for step in range(1, args.max_steps + 1):
         # Training prompts: fresh every step, seeded by (seed, step), never a held-out prompt.
-        batch = [e for e in tasks.make_prompts(args.batch, seed=f"train-{args.seed}-{step}")
+        batch = [e for e in task.make_prompts(args.batch, seed=f"train-{args.seed}-{step}")
                  if e.prompt not in held_out_prompts]
         skipped += args.batch - len(batch)
         ids, last = encode(tokenizer, [e.prompt for e in batch], pad_id)
@@ -203,7 +213,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> dict:
         recent = (recent + [loss.item()])[-50:]
         steps = step
         if step % args.eval_every == 0 or step == args.max_steps:
-            held_out_accuracy, by_facts = accuracy(model, tokenizer, held_out, pad_id)
+            held_out_accuracy, by_group = accuracy(model, tokenizer, held_out, pad_id, task.group)
             print(f"  task {step:5d}  loss {sum(recent) / len(recent):.4f}  held-out accuracy {held_out_accuracy:.3f}"
                   f"  ({time.perf_counter() - started:.0f}s)", flush=True)
             if held_out_accuracy >= args.target:
@@ -223,12 +233,12 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> dict:
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file() and f.name != "TRAINING.md")
 
     result = dict(parameters=parameters, steps=steps, warmup_loss=warmup_loss, final_loss=final_loss, accuracy=held_out_accuracy,
-                  by_facts=by_facts, train_seconds=train_seconds, wall_seconds=wall_seconds, size=size,
+                  by_group=by_group, train_seconds=train_seconds, wall_seconds=wall_seconds, size=size,
                   skipped=skipped)
-    (args.out / "TRAINING.md").write_text(report(args, result, argv))
+    (args.out / "TRAINING.md").write_text(report(args, task, result, argv))
     print(f"done: {args.warmup_steps} warm-up + {steps} task steps, final loss {final_loss:.4f} (mean of last {len(recent)} steps), held-out accuracy "
           f"{held_out_accuracy:.3f} on {HELD_OUT} prompts ("
-          + ", ".join(f"{k} facts {v:.3f}" for k, v in by_facts.items()) + f"), {wall_seconds:.1f}s wall, {size / 1024:.0f} KiB "
+          + ", ".join(f"{k} {v:.3f}" for k, v in by_group.items()) + f"), {wall_seconds:.1f}s wall, {size / 1024:.0f} KiB "
           f"-> {display(args.out)}")
     if held_out_accuracy < 0.95:
         raise SystemExit(f"held-out accuracy {held_out_accuracy:.3f} is below 0.95")
@@ -240,12 +250,12 @@ def display(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def report(args: argparse.Namespace, r: dict, argv: list[str] | None) -> str:
+def report(args: argparse.Namespace, task: ModuleType, r: dict, argv: list[str] | None) -> str:
     extra = " ".join(argv if argv is not None else sys.argv[1:])
     command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/train_tiny.py" + (f" {extra}" if extra else "")
-    example = tasks.make_prompts(1, tasks.HELD_OUT_SEED)[0]
-    by_facts = ", ".join(f"{k} facts {v:.3f}" for k, v in r["by_facts"].items())
-    return f"""# kv-recall: a tiny trained Llama for key-value recall
+    example = task.make_prompts(1, task.HELD_OUT_SEED)[0]
+    by_group = ", ".join(f"{k} {v:.3f}" for k, v in r["by_group"].items())
+    return f"""# {args.task}: a tiny trained Llama for {task.TITLE}
 
 Generated by `tools/train_tiny.py`; do not edit by hand.  Regenerate (from the repository root) with
 
@@ -253,21 +263,18 @@ Generated by `tools/train_tiny.py`; do not edit by hand.  Regenerate (from the r
 
 ## Task
 
-Prompts of {tasks.MIN_FACTS}-{tasks.MAX_FACTS} facts `NAME has VALUE .` (distinct names from {len(tasks.NAMES)}, distinct values
-from {len(tasks.VALUES)}), then a question about one name; the model must predict that name's value at the `?`:
+{task.DESCRIPTION}
 
     <bos> {example.prompt}   ->   {example.answer}
 
 The tokenizer (`tokenizer.json`, word level, whitespace split) prepends `<bos>` itself.  Prompts come
-from `tools/tasks.py`: `make_prompts(n, seed)`; held-out prompts are `make_prompts({HELD_OUT}, {tasks.HELD_OUT_SEED})`
+from `tools/{task.__name__}.py`: `make_prompts(n, seed)`; held-out prompts are `make_prompts({HELD_OUT}, {task.HELD_OUT_SEED})`
 and are excluded from training ({r["skipped"]} drawn training prompts were dropped as duplicates of them).
 
 ## Training
 
 1. Induction warm-up, {args.warmup_steps} steps of batch 32: random sequences of task words in which 12 distinct
-   words repeat after a random gap of 0-20 words, loss on the repeat (final loss {r["warmup_loss"]:.4f}).  This forms
-   the previous-token and induction heads that recall needs; trained on the task alone, the model stays
-   for thousands of steps at picking any value of the prompt (about 1 in 4).
+   words repeat after a random gap of 0-20 words, loss on the repeat (final loss {r["warmup_loss"]:.4f}).  {task.WARMUP_NOTE}
 2. The task, batch {args.batch}, fresh prompts every step, loss on the answer token only (other positions are
    not trained), until the held-out accuracy reaches {args.target} (checked every {args.eval_every} steps, at most {args.max_steps}).
 
@@ -276,7 +283,7 @@ AdamW (lr {args.lr}, weight decay 0.01) throughout, eager attention, `torch.use_
 ## Model
 
 `LlamaForCausalLM`: {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} key-value heads),
-intermediate {args.intermediate}, vocabulary {len(tasks.vocabulary())}, untied embeddings, float32.
+intermediate {args.intermediate}, vocabulary {len(task.vocabulary())}, untied embeddings, float32.
 
 ## Result
 
@@ -285,7 +292,7 @@ intermediate {args.intermediate}, vocabulary {len(tasks.vocabulary())}, untied e
 | parameters | {r["parameters"]:,} |
 | steps | {args.warmup_steps} warm-up + {r["steps"]} task = {args.warmup_steps + r["steps"]} |
 | final training loss | {r["final_loss"]:.4f} (answer cross-entropy, mean of the last 50 task steps) |
-| held-out accuracy | {r["accuracy"]:.3f} on {HELD_OUT} prompts ({by_facts}); argmax over the whole vocabulary |
+| held-out accuracy | {r["accuracy"]:.3f} on {HELD_OUT} prompts ({by_group}); argmax over the whole vocabulary |
 | wall time | {r["wall_seconds"]:.1f} s ({args.threads} thread(s), {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}) |
 | files | {r["size"] / 1024:.0f} KiB |
 | seed | {args.seed} (deterministic algorithms on) |
