@@ -132,6 +132,10 @@ def _classify(node: torch.fx.Node, info: dict[torch.fx.Node, NodeInfo]) -> NodeI
         if len(activation_sides) == 1:  # gated product: the activation carries the allocation
             return NodeInfo(LINEAR, node, tuple(activation_sides), rule)
         return NodeInfo(PRODUCT, node, tuple(sorted(live)), rule)
+    if rule.kind is Kind.BILINEAR and sum(map(len, live.values())) > 1:
+        # Several decomposed factors in one list argument (``einsum``'s operands): a product with no
+        # split yet.  Fine as long as it is not needed (q·kᵀ feeding a softmax).
+        return NodeInfo(UNSUPPORTED, root=node)
     return NodeInfo(LINEAR, node, tuple(sorted(live)), rule)
 
 

@@ -3,13 +3,15 @@
 ==================  =========================================================================
 module              ops
 ==================  =========================================================================
-``linear``          views, reshapes, indexing, concatenation, reductions, ``linear``/``addmm``/
-                    ``matmul``, elementwise ``add``/``sub``/``mul``/``div``, casts
-``norms``           ``layer_norm`` (scale frozen, centring per component) and norm statistics
+``linear``          views, reshapes, indexing, concatenation, scatters, reductions, ``linear``/
+                    ``addmm``/``matmul``/``einsum``, convolutions, Fourier transforms, elementwise
+                    ``add``/``sub``/``mul``/``div``, casts
+``norms``           ``layer_norm``, ``rms_norm`` (scale frozen, centring per component) and norm
+                    statistics
 ``attention``       ``scaled_dot_product_attention`` (probabilities frozen), softmax
 ``activations``     activation allocation (softmax / linear / max) and elementwise gates
 ``products``        the symmetric split of a product of two decomposed tensors
-``routing``         comparisons, top-k, sorting, argmax, masks: frozen
+``routing``         comparisons, top-k, sorting, argmax, masks: frozen; mixture-of-experts kernels
 ==================  =========================================================================
 """
 from . import activations, attention, linear, norms, products, routing  # noqa: F401

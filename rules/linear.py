@@ -28,14 +28,18 @@ deflinear([
     aten.flatten.using_ints, aten.unflatten.int, aten.flip.default, aten.roll.default, aten.repeat.default,
     aten.repeat_interleave.self_int, aten.diagonal.default, aten.index.Tensor, aten.gather.default,
     aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
-    aten.expand_as.default, aten.view_as.default, aten.reshape_as.default,
+    aten.expand_as.default, aten.view_as.default, aten.reshape_as.default, aten.im2col.default, aten.unfold.default,
 ])
+# Fourier transforms (FNet's token mixing) and the views between complex and real numbers: linear over the reals.
+deflinear([aten.fft_fft.default, aten.fft_ifft.default, aten.fft_fftn.default, aten.view_as_real.default,
+           aten.real.default])
 # Reductions and scans.
 deflinear([aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.cumsum.default])
 # Joining and writing into tensors: linear jointly in every piece written.
-deflinear([aten.cat.default, aten.stack.default], ("tensors",))
+deflinear([aten.cat.default, aten.concatenate.default, aten.stack.default], ("tensors",))
 deflinear(aten.index_put.default, ("self", "values"))
 deflinear([aten.slice_scatter.default, aten.select_scatter.default], ("self", "src"))
+deflinear(aten.copy.default, ("src",))  # ``self`` only lends its shape and dtype: every element is overwritten
 deflinear(aten.index_add.default, ("self", "source"))
 deflinear([aten.scatter_add.default, aten.scatter.src], ("self", "src"))
 deflinear([aten.constant_pad_nd.default, aten.pad.default], ("self", "value"))
@@ -51,15 +55,29 @@ deflinear([aten.masked_fill.Scalar, aten.masked_fill.Tensor], ("self", "value"),
 deflinear(aten.div.Tensor, ("self",), nonlinear=("other",), elementwise=True)
 deflinear(aten.linear.default, ("input", "bias"))
 # Products: linear in either factor; both decomposed is handled by fxdepass.rules.products.
-defbilinear(aten.mul.Tensor, ("self", "other"), elementwise=True)
+defbilinear([aten.mul.Tensor, aten.multiply.Tensor], ("self", "other"), elementwise=True)
 defbilinear([aten.matmul.default, aten.mm.default, aten.bmm.default], (0, 1))
 defbilinear(aten.addmm.default, ("mat1", "mat2"), additive=("self",))
 defbilinear(aten.baddbmm.default, ("batch1", "batch2"), additive=("self",))
+defbilinear(aten.einsum.default, ("tensors",))  # linear in each operand of the list
+defbilinear([aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding, aten.convolution.default],
+            ("input", "weight"), additive=("bias",))
 
 
-# Note [Views of components]: the real value's memory layout can make ``view`` legal where the
-# components' layout (from a different kernel) does not; ``reshape`` copies only when it must.
-_COMPONENT_OP = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
+def _slice_scatter(
+    self: torch.Tensor, src: torch.Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1
+) -> torch.Tensor:
+    """``slice_scatter`` with ``end`` clamped to the size: its vmap rule overflows on the ``2**63 − 1`` that
+    export writes for an open-ended ``x[a:] = …``."""
+    end = None if end is None else min(end, self.shape[dim])
+    return aten.slice_scatter.default(self, src, dim, start, end, step)
+
+
+# Ops the components go through in place of the graph's own.  Note [Views of components]: the real
+# value's memory layout can make ``view`` legal where the components' layout (from a different kernel)
+# does not; ``reshape`` copies only when it must.
+_COMPONENT_OP = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default,
+                 aten.slice_scatter.default: _slice_scatter}
 
 
 def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list | None]:

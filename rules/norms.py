@@ -1,8 +1,9 @@
 """Normalisation: the scale (1/rms or 1/σ) is frozen at its real value; everything else is linear.
 
-RMSNorm has no op of its own: it reaches us as ``x * rsqrt(mean(x**2) + eps) * w``.  ``pow`` and
-``rsqrt`` are gates (fxdepass.registry Note [Kinds of ops]) so the statistics are frozen and the two
-``mul``s are linear in ``x``.  ``layer_norm`` is one op and gets a rule here.
+RMSNorm usually has no op of its own: it reaches us as ``x * rsqrt(mean(x**2) + eps) * w``.  ``pow``
+and ``rsqrt`` are gates (fxdepass.registry Note [Kinds of ops]) so the statistics are frozen and the
+two ``mul``s are linear in ``x``.  ``layer_norm`` and ``rms_norm`` (``torch.nn.RMSNorm``) are single
+ops and get rules here.
 """
 from __future__ import annotations
 
@@ -38,3 +39,19 @@ def layer_norm(
     if weight is not None:
         out = out * weight
     return out if bias is None else add_to_rest(out, bias)
+
+
+@register_rule(aten.rms_norm.default, decomposes="input")
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    components: torch.Tensor,
+) -> torch.Tensor:
+    """``x_m / rms(x)·w``: the scale from the real input (``torch.nn.RMSNorm``; eps defaults to the dtype's)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    out = components * torch.rsqrt(input.pow(2).mean(dims, keepdim=True) + eps)
+    return out if weight is None else out * weight

@@ -32,7 +32,7 @@ def r(*shape: int) -> torch.Tensor:
 def split(value: torch.Tensor, count: int = 4) -> torch.Tensor:
     """``count`` random components (some elements exactly zero) summing to ``value``."""
     parts = torch.randn(count - 1, *value.shape, dtype=value.dtype)
-    parts = parts * (torch.rand_like(parts) > 0.2)
+    parts = parts * (torch.rand(parts.shape) > 0.2)  # also for complex values
     return torch.cat((parts, (value - parts.sum(0)).unsqueeze(0)))
 
 
@@ -136,7 +136,25 @@ SAMPLES: list[tuple[Any, Callable[[], tuple], dict]] = [
     (aten.rms_norm.default, lambda: (D(r(2, 3, 6)), [6], r(6), 1e-6), {}),
     (aten.rms_norm.default, lambda: (D(r(2, 3, 6)), [3, 6]), {}),
     (aten.slice_scatter.default, lambda: (D(r(4, 5)), D(r(4, 2)), 1, 1, 5, 2), {}),
+    (aten.slice_scatter.default, lambda: (D(r(4, 5)), D(r(3, 5)), 0, 1, 9223372036854775807), {}),  # x[1:] = …
     (aten.select_scatter.default, lambda: (r(4, 5), D(r(4)), 1, 3), {}),
+    (aten.conv1d.default, lambda: (D(r(2, 4, 7)), r(4, 1, 3), r(4), [1], [2], [1], 4), {}),
+    (aten.conv1d.padding, lambda: (D(r(2, 4, 7)), r(6, 4, 3), r(6), [1], "same"), {}),
+    (aten.conv2d.default, lambda: (D(r(2, 3, 5, 5)), r(4, 3, 3, 3), r(4), [1, 1], [1, 1]), {}),
+    (aten.conv2d.padding, lambda: (D(r(2, 3, 5, 5)), r(4, 3, 3, 3), None, [1, 1], "valid"), {}),
+    (aten.convolution.default, lambda: (D(r(2, 4, 7)), r(4, 1, 3), r(4), [1], [2], [1], False, [0], 4), {}),
+    (aten.concatenate.default, lambda: ([r(2, 2), D(r(2, 3))], 1), {}),
+    (aten.im2col.default, lambda: (D(r(2, 3, 5, 5)), [3, 3], [1, 1], [1, 1], [1, 1]), {}),
+    (aten.unfold.default, lambda: (D(r(2, 7, 3)), 1, 3, 2), {}),
+    (aten.fft_fft.default, lambda: (D(r(2, 6)),), {}),
+    (aten.fft_ifft.default, lambda: (D(torch.randn(2, 6, dtype=torch.complex128)), None, 0), {}),
+    (aten.fft_fftn.default, lambda: (D(r(2, 3, 4)), None, [1, 2]), {}),
+    (aten.view_as_real.default, lambda: (D(torch.randn(2, 3, dtype=torch.complex128)),), {}),
+    (aten.real.default, lambda: (D(torch.randn(2, 3, dtype=torch.complex128)),), {}),
+    (aten.copy.default, lambda: (r(2, 3), D(r(3))), {}),
+    (aten.multiply.Tensor, lambda: (D(r(2, 3)), r(3)), {}),
+    (aten.einsum.default, lambda: ("bij,bjk->bik", [D(r(2, 3, 4)), r(2, 4, 5)]), {}),
+    (aten.einsum.default, lambda: ("ij,j->i", [r(3, 4), D(r(4))]), {}),
 ]
 
 

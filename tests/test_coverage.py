@@ -1,0 +1,50 @@
+"""The coverage check of tools/coverage.py on a fixed list of families: each must be exact in float64.
+
+The families run two at a time in forked processes (``coverage.run``), once for the module; each
+family is then its own test, failing with the report's reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (a folder of scripts, not a package) under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"fxdepass_tools_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # results come back from the worker processes pickled by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+coverage = _tool("coverage")
+
+#: The families of the architecture-breadth issue, plus a few more of each kind.
+FAMILIES = (
+    # Dense decoders: rotary, ALiBi and learned positions, sliding windows, soft-capping, parallel blocks.
+    "llama", "mistral", "qwen3", "gemma2", "gemma3_text", "bloom", "falcon", "gptj", "phi3", "stablelm",
+    "starcoder2", "cohere", "granite", "olmo", "olmo2", "smollm3", "gpt_bigcode", "gpt_neo",
+    # Mixtures of experts: softmax and sigmoid routers, group top-k, shared experts, latent attention.
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+    # Bidirectional encoders.
+    "bert", "distilbert", "electra",
+)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, object]:
+    todo = [f for f in coverage.families() if f.model_type in FAMILIES]
+    assert {f.model_type for f in todo} == set(FAMILIES), "a family is missing from the installed transformers"
+    return {r.family.model_type: r for r in coverage.run(todo, jobs=2, timeout=300.0)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_is_exact(family: str, results: dict[str, object]) -> None:
+    result = results[family]
+    assert result.status == "exact", result.status
+    assert result.error <= coverage.EXACT
