@@ -152,6 +152,8 @@ class DecomposedModel:
         if "input_ids" not in self.input_names:
             raise CaptureError(f"{type(model).__name__}.forward takes no input_ids")
         self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        if "position_ids" in self.input_names and not self._numbers_positions_from_zero():
+            self.input_names = tuple(n for n in self.input_names if n != "position_ids")
         self._captures: dict[Any, CapturedModel] = {}
         self._modules: dict[Any, tuple[torch.fx.GraphModule, list[int]]] = {}
         self._locations: dict[int, Locations] = {}
@@ -436,6 +438,24 @@ class DecomposedModel:
             batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
             module.meta["blocks"] = self.causal and supports_blocks(module, expr, batch)
         return module.meta["blocks"]
+
+    def _numbers_positions_from_zero(self) -> bool:
+        """Whether the model, given no ``position_ids``, numbers positions 0…n−1 as fxdepass feeds them.
+
+        RoBERTa-style models count from the padding index instead; for them fxdepass feeds no positions
+        (left-padded prompts then get the model's own numbering)."""
+        ids = torch.randint(0, self.vocab_size or 2, (1, 6), generator=torch.Generator().manual_seed(2))
+        given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        given = {k: v for k, v in given.items() if k in self.input_names}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                own = self.model(**given)[0]
+                fed = self.model(**given, position_ids=torch.arange(6).unsqueeze(0))[0]
+        finally:
+            self.model.train(was_training)
+        return bool(torch.equal(own, fed))
 
     @functools.cached_property
     def causal(self) -> bool:
