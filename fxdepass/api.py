@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from .blocked import BlockedInterpreter, supports_blocks
-from .capture import CapturedModel, capture, cast_floats, model_inputs
+from .capture import CapturedModel, capture, cast_floats, model_inputs, run_options
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
@@ -446,7 +446,7 @@ class DecomposedModel:
         (left-padded prompts then get the model's own numbering)."""
         ids = torch.randint(0, self.vocab_size or 2, (1, 6), generator=torch.Generator().manual_seed(2))
         given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        given = {k: v for k, v in given.items() if k in self.input_names}
+        given = {**{k: v for k, v in given.items() if k in self.input_names}, **run_options(self.model)}
         was_training = self.model.training
         self.model.eval()
         try:
@@ -467,7 +467,7 @@ class DecomposedModel:
         self.model.eval()
         try:
             with torch.no_grad():
-                first, second = (self.model(**self._inputs(x))[0] for x in (ids, changed))
+                first, second = (self.model(**self._inputs(x), **run_options(self.model))[0] for x in (ids, changed))
         finally:
             self.model.train(was_training)
         return bool(torch.equal(first[:, :-1], second[:, :-1]))

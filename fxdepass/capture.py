@@ -16,7 +16,7 @@ import torch.fx
 
 from .errors import CaptureError
 
-__all__ = ["CapturedModel", "capture", "model_inputs", "cast_floats"]
+__all__ = ["CapturedModel", "capture", "model_inputs", "run_options", "cast_floats"]
 
 #: Model inputs fxdepass passes when the model's ``forward`` accepts them.
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -63,14 +63,28 @@ def model_inputs(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(name for name in INPUT_NAMES if name in parameters)
 
 
+def run_options(model: torch.nn.Module) -> dict[str, Any]:
+    """Keyword arguments that turn the cache off, for every call fxdepass makes to ``model``.
+
+    Some models (Granite-MoE) take ``use_cache`` only through ``**kwargs``; the config saying it
+    has a cache is then what tells us the option is understood.
+
+    >>> run_options(torch.nn.Linear(2, 2))
+    {}
+    """
+    parameters = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if "use_cache" in parameters or (takes_kwargs and hasattr(getattr(model, "config", None), "use_cache")):
+        return {"use_cache": False}
+    return {}
+
+
 def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True) -> CapturedModel:
     """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.
 
     >>> captured = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # doctest: +SKIP
     """
-    kwargs: dict[str, Any] = dict(example)
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
+    kwargs: dict[str, Any] = {**example, **run_options(model)}
     shapes = None
     if dynamic:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096

@@ -43,15 +43,7 @@ def results() -> dict[str, object]:
     return {r.family.model_type: r for r in coverage.run(todo, jobs=2, timeout=300.0)}
 
 
-#: In a fresh CI environment these models' own forward failed inside transformers/integrations/moe.py
-#: (seen 2026-11-25; they were exact in the development environment, see docs/coverage.md). Marked
-#: rather than dropped so the gap stays visible until it is understood.
-FRESH_ENV_MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    reason="MoE forward fails in a fresh environment (transformers/integrations/moe.py)", strict=False))
-    if f in FRESH_ENV_MOE else f for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_is_exact(family: str, results: dict[str, object]) -> None:
     result = results[family]
     assert result.status == "exact", result.status

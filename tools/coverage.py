@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import multiprocessing
 import os
 import re
@@ -48,6 +47,7 @@ import transformers  # noqa: E402
 from transformers.models.auto import configuration_auto, modeling_auto  # noqa: E402
 
 import fxdepass  # noqa: E402
+from fxdepass.capture import run_options  # noqa: E402
 from fxdepass.errors import CaptureError, InvalidSeedError, UnsupportedOpError  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
@@ -253,8 +253,7 @@ def build(family: Family, config: transformers.PretrainedConfig, seed: int = 0) 
 
 #: What to do about failures whose message does not say it (matched against the message).
 HINTS = {
-    "DynamicCache": "the model returns its cache: its forward takes use_cache only through **kwargs, which "
-                    "fxdepass/capture.py does not pass it",
+    "DynamicCache": "the model returns its cache although fxdepass/capture.py passes use_cache=False",
     "GuardOnDataDependentSymNode": "data-dependent control flow in the model, which torch.export cannot trace",
 }
 
@@ -269,19 +268,23 @@ def _reason(error: BaseException) -> str:
 
 
 def _origin(error: BaseException) -> str | None:
-    """``folder/file.py:line`` of the innermost fxdepass or transformers frame an unexpected error passed, if any."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if re.search(r"/(fxdepass|rules|transformers)/", f.filename)]
-    if not frames:
-        return None
-    path = Path(frames[-1].filename)
-    return f"at {path.parent.name}/{path.name}:{frames[-1].lineno}"
+    """Where an unexpected error was raised: the innermost transformers frame and the fxdepass frame that called it.
+
+    >>> _origin(ValueError()) is None        # raised nowhere in either
+    True
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    places = []
+    for library in ("transformers", "fxdepass|rules"):
+        inside = [f for f in frames if re.search(rf"/({library})/", f.filename)]
+        if inside:
+            places.append(f"{Path(inside[-1].filename).parent.name}/{Path(inside[-1].filename).name}:{inside[-1].lineno}")
+    return "at " + ", from ".join(places) if places else None
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, readout: str, **kwargs: Any) -> torch.Tensor:
+def _forward(model: torch.nn.Module, ids: torch.Tensor, readout: str) -> torch.Tensor:
     """The model's own output for ``readout``, run as fxdepass runs it (all tokens attended, no cache)."""
-    kwargs["attention_mask"] = torch.ones_like(ids)
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), **run_options(model)}
     with torch.no_grad():
         output = model(input_ids=ids, **kwargs)
     return output.logits if readout == "logits" else output.last_hidden_state
@@ -327,34 +330,35 @@ def check(family: Family) -> Result:
     except Exception as error:
         return Result(family, f"attribution failed: {_reason(error)}", seconds=seconds, exported=True)
     error = attribution.reconstruction_error()
-    total = attribution.total.to(ordinary.dtype)
-    real = _relative(total, ordinary)
-    if not error <= EXACT:
-        status = "wrong sum"
-    elif not real <= SAME_REAL:
-        status = _real_differs(model, ids, readout, total, real)
-    else:
-        status = "exact"
-    return Result(family, status, error, seconds, exported=True)
+    real = _relative(attribution.total.to(ordinary.dtype), ordinary)
+    return Result(family, _verdict(error, real), error, seconds, exported=True)
 
 
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value − reference| / max |reference|."""
     return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def _real_differs(model: torch.nn.Module, ids: torch.Tensor, readout: str, total: torch.Tensor, error: float) -> str:
-    """Why fxdepass's real pass differs from the model: the one known cause, or the size of the difference."""
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        if _relative(total, _forward(model, ids, readout, position_ids=positions)) <= SAME_REAL:
-            return ("real pass differs from the model: fxdepass feeds position_ids 0…n−1, the model numbers "
-                    "positions its own way when given none (fxdepass/api.py)")
-    return f"real pass differs from the model (relative error {error:.1e})"
+def _verdict(error: float, real: float) -> str:
+    """``"exact"``, or what is wrong: the sum of the components, or the real pass itself.
+
+    >>> _verdict(1e-15, 1e-7), _verdict(1e-6, 1e-7)
+    ('exact', 'wrong sum')
+    """
+    if not error <= EXACT:
+        return "wrong sum"
+    if not real <= SAME_REAL:
+        return f"real pass differs from the model (relative error {real:.1e})"
+    return "exact"
 
 
 def _child(family: Family, connection: Connection) -> None:
-    """The body of one worker process: one thread (two workers share two cores), one family."""
+    """The body of one worker process: one thread (two workers share two cores), one family.
+
+    Models are built in float32 whatever default the parent process set (the test suite sets float64).
+    """
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
     connection.send(check(family))
     connection.close()
 

@@ -3,7 +3,7 @@ to the op's real output (float64, 1e-12).  A rule without a sample here fails ``
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -15,7 +15,15 @@ from fxdepass.rules.linear import linear_map
 from fxdepass.rules.products import symmetric_product
 
 aten = torch.ops.aten
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_by_default() -> Iterator[None]:
+    """Samples are float64 (tolerance 1e-12); the default goes back afterwards, for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class D:
