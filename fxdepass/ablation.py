@@ -67,6 +67,9 @@ def ablate(
                 raise InvalidSeedError(f"ablate(): head {h} is out of range (layer {layer} has {count} heads)")
         plans.append((projection, torch.tensor([(h % count) * size + i for h in chosen for i in range(size)], dtype=torch.long)))
     for layer, chosen in (neurons or {}).items():
+        if where.experts(layer) is not None:
+            raise InvalidSeedError(f"ablate(): layer {layer} is a mixture of experts; neuron ablation "
+                                   "supports dense MLPs (fxdepass.neurons(layer, expert=e) attributes experts)")
         projection = where.down_projection(layer)
         width = int(Locations.features(projection).meta["val"].shape[-1])
         for i in chosen:

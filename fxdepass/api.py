@@ -320,7 +320,8 @@ class DecomposedModel:
         head = self._linear_head(captured) if target_tensor is not None and "logits" in names else None
         computed = tuple(dict.fromkeys("hidden" if (n == "logits" and head is not None) else n for n in names))
         module, counts = self._module(captured, seed, computed)
-        restrict = last_position and ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"}
+        restrict = (last_position and ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"}
+                    and isinstance(captured.sequence_length, torch.SymInt) and self._position_wise(captured, module))
         if last_position and not set(computed) <= {"logits", "hidden"}:
             raise InvalidReadoutError("last_position=True reads only 'logits' and 'hidden'")
         arguments = [inputs[name] for name in captured.inputs]
@@ -357,8 +358,8 @@ class DecomposedModel:
             results[name] = Attribution(components, total, labels, ids, name, target_tensor, positions=positions)
         if head is not None:
             hidden = results["hidden"]
-            weight, bias = head
-            rows = (weight[target_tensor], None if bias is None else bias[target_tensor])
+            weight, bias = head  # parameters: detached, results carry no autograd graph
+            rows = (weight.detach()[target_tensor], None if bias is None else bias.detach()[target_tensor])
             components = linear_map(torch.ops.aten.linear.default, hidden.components, *rows, in_dims=(0, None, None))
             total = torch.nn.functional.linear(hidden.total, *rows)
             results["logits"] = Attribution(components, total, labels, ids, "logits", target_tensor, positions=positions,
@@ -427,17 +428,21 @@ class DecomposedModel:
             return None
         return tensors[weight.name], None if bias is None else tensors[bias.name]
 
+    def _position_wise(self, captured: CapturedModel, module: torch.fx.GraphModule) -> bool:
+        """Whether no component op of ``module`` reduces or gathers over positions (MoE routing does),
+        so that its components can be computed for a subset of positions (cached on the module)."""
+        if "position_wise" not in module.meta:
+            batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
+            module.meta["position_wise"] = supports_blocks(module, captured.sequence_length.node.expr, batch)
+        return module.meta["position_wise"]
+
     def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
         """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""
         if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < 2 * BLOCK_POSITIONS
                 or not isinstance(seed, Tokens) or seed.groups is not None
                 or not isinstance(captured.sequence_length, torch.SymInt)):
             return False
-        if "blocks" not in module.meta:
-            expr = captured.sequence_length.node.expr
-            batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
-            module.meta["blocks"] = self.causal and supports_blocks(module, expr, batch)
-        return module.meta["blocks"]
+        return self.causal and self._position_wise(captured, module)
 
     def _numbers_positions_from_zero(self) -> bool:
         """Whether the model, given no ``position_ids``, numbers positions 0…n−1 as fxdepass feeds them.

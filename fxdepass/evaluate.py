@@ -162,8 +162,7 @@ def depass_tokens(decomposed: DecomposedModel, sink: bool = True) -> TokenMethod
     seed = tokens(sink=sink)
 
     def scores(prompt: Prompt) -> torch.Tensor:
-        # Not last_position=True: with eager attention it does not yet sum to the logits (a known bug).
-        attribution = decomposed.attribute(prompt.ids.unsqueeze(0), seed=seed, targets=[prompt.target])
+        attribution = decomposed.attribute(prompt.ids.unsqueeze(0), seed=seed, targets=[prompt.target], last_position=True)
         return attribution.scores(prompt.target)[:-1].float()  # without rest
 
     return scores
@@ -327,8 +326,8 @@ def depass_components(decomposed: DecomposedModel) -> ComponentMethod:
         ids = prompt.ids.unsqueeze(0)
 
         def layer_scores(seed: Seed) -> torch.Tensor:
-            # All positions are read out: last_position=True does not support head and neuron seeds yet.
-            return decomposed.attribute(ids, seed=seed, targets=[prompt.target]).scores(prompt.target)[:-1].float()
+            attribution = decomposed.attribute(ids, seed=seed, targets=[prompt.target], last_position=True)
+            return attribution.scores(prompt.target)[:-1].float()
 
         return {"heads": torch.stack([layer_scores(heads(l)) for l in layers]),
                 "neurons": torch.stack([layer_scores(neurons(l)) for l in layers])}

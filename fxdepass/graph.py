@@ -174,7 +174,7 @@ def split_heads_by_position(value: torch.Tensor, *, position_axis: int, heads: i
 @dataclasses.dataclass(frozen=True)
 class _Stage(Seed):
     """Layer ``layer``'s attention heads (``kind="attention"``: the output projection's input, split by
-    head and position) or MLP block (``kind="mlp"``: the down projection's output, split by position)."""
+    head and position) or MLP block (``kind="mlp"``: its output, split by position)."""
 
     kind: str
     layer: int
@@ -183,7 +183,7 @@ class _Stage(Seed):
         """The value this stage splits, which is also what later stages read as its nodes' outputs."""
         if self.kind == "attention":
             return Locations.features(where.output_projection(self.layer))
-        return where.down_projection(self.layer)
+        return where.mlp_output(self.layer)
 
     def points(self, where: Locations) -> list[SeedPoint]:
         node = self.node(where)

@@ -3,7 +3,8 @@
 Nothing here names an attribute of a particular architecture.  Blocks are the ``ModuleList`` with as
 many entries as the config has layers; inside a block, the attention output projection is the first
 linear map with a weight parameter after the attention probabilities are applied, and the MLP down
-projection is the block's last linear map.  A new architecture therefore needs no new code.
+projection is the block's last linear map back to the hidden size; routed MoE experts are the
+block's last grouped kernel.  A new architecture therefore needs no new code.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def module_path(node: torch.fx.Node) -> str:
 
 def _paths(node: torch.fx.Node) -> list[str]:
     return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _is_grouped_kernel(node: torch.fx.Node) -> bool:
+    """A grouped matmul over experts (``transformers.grouped_mm_fallback``, ``aten._grouped_mm``)."""
+    return node.op == "call_function" and "grouped_mm" in str(node.target)
 
 
 def _is_float_tensor(node: torch.fx.Node) -> bool:
@@ -145,11 +151,45 @@ class Locations:
         return after[0]
 
     def down_projection(self, layer: int) -> torch.fx.Node:
-        """The MLP down projection of block ``layer``: the block's last linear map."""
+        """The dense MLP down projection of block ``layer``: its last linear map back to the hidden size
+        other than the attention output projection (the last linear map at all when the config does not
+        give the hidden size).  In a MoE block that is the shared expert's; routed experts are :meth:`experts`."""
         maps = self._linear_maps(layer)
+        if self.hidden_size is not None:
+            maps = [n for n in maps if n.meta["val"].shape[-1] == self.hidden_size] or maps
+        try:
+            maps = [n for n in maps if n is not self.output_projection(layer)]
+        except InvalidSeedError:  # a block without attention
+            pass
         if not maps:
-            raise InvalidSeedError(f"no MLP found in {self.blocks[self.layer(layer)]}")
+            kind = "a mixture of experts without a dense MLP" if self.experts(layer) is not None else "no MLP"
+            raise InvalidSeedError(f"{self.blocks[self.layer(layer)]} has {kind}: no dense down projection")
         return maps[-1]
+
+    def experts(self, layer: int) -> torch.fx.Node | None:
+        """The routed experts' down projection of block ``layer`` — a grouped kernel
+        ``(rows sorted by expert, weights [experts, …], offsets)`` — or ``None`` for a dense block."""
+        grouped = [n for n in self._inside(self.blocks[self.layer(layer)]) if _is_grouped_kernel(n)]
+        return grouped[-1] if grouped else None
+
+    def shared_expert(self, layer: int) -> torch.fx.Node | None:
+        """The down projection of block ``layer``'s shared expert: a dense down projection inside the
+        module holding the routed experts (``None`` if there is none, or no experts)."""
+        experts = self.experts(layer)
+        if experts is None:
+            return None
+        moe = module_path(experts).rpartition(".")[0] + "."
+        inside = [n for n in self._linear_maps(layer) if module_path(n).startswith(moe)
+                  and n.meta["val"].shape[-1] == self.hidden_size]
+        return inside[-1] if inside else None
+
+    def mlp_output(self, layer: int) -> torch.fx.Node:
+        """What block ``layer``'s MLP adds to the residual stream: the dense down projection's output,
+        or, in a MoE block, the output of the module holding the experts (routed and shared)."""
+        experts = self.experts(layer)
+        if experts is None:
+            return self.down_projection(layer)
+        return self.module_output(module_path(experts).rpartition(".")[0])
 
     @staticmethod
     def features(projection: torch.fx.Node) -> torch.fx.Node:

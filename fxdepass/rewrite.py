@@ -121,7 +121,11 @@ def build_module(
                     if not _literal(value):  # tensors and functions become attributes of the module
                         attributes[f"seed_{key}"] = value
                         kwargs[key] = graph.create_node("get_attr", f"seed_{key}", name=f"seed_{key}")
-                emitted = (point.split, (real[node],), kwargs)
+                missing = [n.name for n in point.inputs if n not in real]
+                if missing:
+                    raise FxDePassError(f"the seed at {node.name} ({node_location(node)}) needs {missing}, "
+                                        "which the model computes only after it")
+                emitted = (point.split, (real[node], *(real[n] for n in point.inputs)), kwargs)
             else:
                 try:
                     emitted = _emit(node, analysis, real, parts, captured, policy, sink)

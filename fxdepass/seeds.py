@@ -27,17 +27,19 @@ from .locations import Locations
 __all__ = [
     "Seed", "SeedPoint", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
-    "split_groups", "split_features", "as_component", "split_subspaces", "checked_split", "sink_of",
+    "split_groups", "split_features", "split_experts", "split_expert", "as_component", "split_subspaces", "checked_split", "sink_of",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class SeedPoint:
-    """One place where components start: ``split(value, **kwargs)`` gives them (rest last)."""
+    """One place where components start: ``split(value, *inputs, **kwargs)`` gives them (rest last);
+    ``inputs`` are real values the split also needs (computed before ``node``)."""
 
     node: torch.fx.Node
     split: Callable[..., torch.Tensor]
     kwargs: dict[str, Any]
+    inputs: tuple[torch.fx.Node, ...] = ()
 
 
 class Seed:
@@ -150,11 +152,19 @@ def _count(value: int | None, what: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class Neurons(Seed):
     """The input of layer ``layer``'s MLP down projection, one component per neuron (or per
-    ``group_size`` consecutive neurons of ``indices``); neurons left out go to rest."""
+    ``group_size`` consecutive neurons of ``indices``); neurons left out go to rest.
+
+    In a mixture-of-experts layer the components are the routed experts (plus one for the shared
+    expert, if any) at the experts' down projection; ``expert=e`` splits expert ``e``'s neurons instead
+    (``indices``/``group_size`` as above; the other experts go to rest).
+
+    >>> decomposed.attribute(ids, seed=fxdepass.neurons(-1, expert=2, group_size=8))   # doctest: +SKIP
+    """
 
     layer: int
     indices: tuple[int, ...] | None = None
     group_size: int = 1
+    expert: int | None = None
 
     def __post_init__(self) -> None:
         if self.indices is not None:
@@ -170,17 +180,47 @@ class Neurons(Seed):
         indices = tuple(i % width for i in indices)
         return tuple(indices[i:i + self.group_size] for i in range(0, len(indices), self.group_size))
 
-    def _width(self, where: Locations) -> int:
-        return int(Locations.features(where.down_projection(self.layer)).meta["val"].shape[-1])
+    def _experts(self, where: Locations) -> tuple[torch.fx.Node, int, torch.fx.Node | None] | None:
+        """``(grouped kernel, number of experts, shared expert's down projection or None)``, or ``None``
+        for a dense layer; checks ``expert`` and ``indices`` against the layer's kind."""
+        grouped = where.experts(self.layer)
+        layer = where.layer(self.layer)
+        if grouped is None:
+            if self.expert is not None:
+                raise InvalidSeedError(f"neurons(): layer {layer}'s MLP has no routed experts; leave expert=None")
+            return None
+        count = int(grouped.args[1].meta["val"].shape[0])
+        if self.expert is None and self.indices is not None:
+            raise InvalidSeedError(f"neurons(): layer {layer} is a mixture of {count} experts; choose one "
+                                   "with expert=e to split its neurons (or leave indices out for per-expert components)")
+        if self.expert is not None and not -count <= self.expert < count:
+            raise InvalidSeedError(f"neurons(): expert {self.expert} is out of range (layer {layer} has {count} experts)")
+        return grouped, count, where.shared_expert(self.layer)
 
     def points(self, where: Locations) -> list[SeedPoint]:
-        node = Locations.features(where.down_projection(self.layer))
-        return [SeedPoint(node, split_features, {"groups": self._selection(self._width(where))})]
+        moe = self._experts(where)
+        if moe is None:
+            node = Locations.features(where.down_projection(self.layer))
+            return [SeedPoint(node, split_features, {"groups": self._selection(node.meta["val"].shape[-1])})]
+        grouped, count, shared = moe
+        rows, offsets = grouped.args[0], grouped.args[2]
+        if self.expert is not None:
+            groups = self._selection(rows.meta["val"].shape[-1])
+            return [SeedPoint(rows, split_expert, {"expert": self.expert % count, "groups": groups}, (offsets,))]
+        points = [SeedPoint(rows, split_experts, {"count": count + (shared is not None)}, (offsets,))]
+        if shared is not None:
+            points.append(SeedPoint(Locations.features(shared), as_component, {"index": count, "count": count + 1}))
+        return points
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         layer = where.layer(self.layer)
-        groups = self._selection(self._width(where))
-        return [f"L{layer}N{g[0]}" if len(g) == 1 else f"L{layer}N{g[0]}-{g[-1]}" for g in groups] + ["rest"]
+        moe = self._experts(where)
+        if moe is not None and self.expert is None:
+            return [f"L{layer}E{e}" for e in range(moe[1])] + ([f"L{layer} shared expert"] if moe[2] is not None else []) + ["rest"]
+        prefix = f"L{layer}" if moe is None else f"L{layer}E{self.expert % moe[1]}"
+        node = Locations.features(where.down_projection(self.layer)) if moe is None else moe[0].args[0]
+        groups = self._selection(node.meta["val"].shape[-1])
+        return [f"{prefix}N{g[0]}" if len(g) == 1 else f"{prefix}N{g[0]}-{g[-1]}" for g in groups] + ["rest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +231,7 @@ class Modules(Seed):
 
     def points(self, where: Locations) -> list[SeedPoint]:
         return [SeedPoint(where.output_projection(self.layer), as_component, {"index": 0, "count": 2}),
-                SeedPoint(where.down_projection(self.layer), as_component, {"index": 1, "count": 2})]
+                SeedPoint(where.mlp_output(self.layer), as_component, {"index": 1, "count": 2})]
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         layer = where.layer(self.layer)
@@ -269,9 +309,10 @@ def heads(layer: int) -> Heads:
     return Heads(layer)
 
 
-def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 1) -> Neurons:
-    """Per-neuron seed at layer ``layer``'s MLP; see :class:`Neurons`."""
-    return Neurons(layer, None if indices is None else tuple(indices), group_size)
+def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 1, expert: int | None = None) -> Neurons:
+    """Per-neuron seed at layer ``layer``'s MLP (per expert, or per neuron of ``expert``, in a MoE
+    layer); see :class:`Neurons`."""
+    return Neurons(layer, None if indices is None else tuple(indices), group_size, expert)
 
 
 def modules(layer: int) -> Modules:
@@ -349,6 +390,33 @@ def split_features(value: torch.Tensor, *, groups: int | tuple[tuple[int, ...], 
         for g, indices in enumerate(groups):
             membership[g, list(indices)] = 1.0
     return _split_by_membership(value, membership, value.ndim - 1)
+
+
+def _expert_of_rows(rows: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The expert of each row of a grouped kernel's input (rows sorted by expert; ``offsets[e]`` is
+    where expert ``e``'s rows end); rows past the last offset get ``len(offsets)``."""
+    return torch.searchsorted(offsets.to(torch.long), torch.arange(rows, device=offsets.device), right=True)
+
+
+def split_experts(value: torch.Tensor, offsets: torch.Tensor, *, count: int) -> torch.Tensor:
+    """Split a grouped kernel's input ``[rows, features]`` by expert: component ``e`` keeps expert ``e``'s
+    rows; ``count`` may exceed the number of experts (components filled elsewhere, e.g. a shared expert).
+
+    >>> split_experts(torch.ones(3, 2), torch.tensor([1, 3]), count=2)[:, :, 0]
+    tensor([[1., 0., 0.],
+            [0., 1., 1.],
+            [0., 0., 0.]])
+    """
+    expert = _expert_of_rows(value.shape[0], offsets)
+    membership = torch.nn.functional.one_hot(expert, count + 1)[:, :count].T.to(value.dtype)
+    return _split_by_membership(value, membership, 0)
+
+
+def split_expert(value: torch.Tensor, offsets: torch.Tensor, *, expert: int, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Split expert ``expert``'s rows of a grouped kernel's input by neuron groups; all else is rest."""
+    rows = (_expert_of_rows(value.shape[0], offsets) == expert).to(value.dtype).unsqueeze(-1)
+    parts = split_features(value * rows, groups=groups)[:-1]
+    return torch.cat((parts, (value - parts.sum(0)).unsqueeze(0)))
 
 
 def as_component(value: torch.Tensor, *, index: int, count: int) -> torch.Tensor:

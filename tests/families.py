@@ -8,8 +8,10 @@ import transformers
 
 VOCAB = 61
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "gpt_neox", "phi", "opt", "bert")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "gpt_neox", "phi", "opt", "bert", "mixtral", "qwen2_moe")
 ENCODERS = ("bert",)
+#: mixtures of experts: 4 experts, 2 per token; Qwen2-MoE adds a sigmoid-gated shared expert
+MOE = ("mixtral", "qwen2_moe")
 
 
 def config_for(
@@ -54,6 +56,15 @@ def config_for(
     if family == "opt":
         return transformers.OPTConfig(hidden_size=hidden, ffn_dim=intermediate, word_embed_proj_dim=hidden,
                                       enable_bias=bias, **common)
+    # torch's grouped expert kernel needs rows of a multiple of 16 bytes: expert widths a multiple of 4
+    expert_width, half_width = -(-intermediate // 4) * 4, -(-intermediate // 8) * 4
+    if family == "mixtral":
+        return transformers.MixtralConfig(hidden_size=hidden, intermediate_size=expert_width, num_key_value_heads=kv_heads,
+                                          num_local_experts=4, num_experts_per_tok=2, **common)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(hidden_size=hidden, intermediate_size=intermediate, moe_intermediate_size=half_width,
+                                           shared_expert_intermediate_size=intermediate, num_key_value_heads=kv_heads,
+                                           num_experts=4, num_experts_per_tok=2, **common)
     if family == "bert":
         return transformers.BertConfig(hidden_size=hidden, intermediate_size=intermediate, **common)
     raise ValueError(family)

@@ -21,7 +21,7 @@ def test_blocks_equal_dense(family: str) -> None:
         for name in expected:
             assert relative_error(got[name].components, expected[name].components) <= 1e-12
     module = blocked._module(next(iter(blocked._captures.values())), fxdepass.tokens(), ("logits", "layers"))[0]
-    assert module.meta["blocks"] is True  # the blocked path really ran
+    assert module.meta["position_wise"] is True and blocked.causal  # the blocked path really ran
 
 
 def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
@@ -33,7 +33,11 @@ def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     grouped = fxdepass.tokens(groups=[[0, 5], [3, 19]])
     assert decoder.attribute(ids, seed=grouped).reconstruction_error() <= 1e-9
     module = decoder._module(next(iter(decoder._captures.values())), grouped, ("logits",))[0]
-    assert "blocks" not in module.meta  # groups are not position-aligned: dense path
+    assert "position_wise" not in module.meta  # groups are not position-aligned: dense path
+    moe = fxdepass.compile(families.build("mixtral"), dtype=torch.float64, causal_blocks=4)
+    for last in (False, True):  # routing gathers tokens across positions: neither blocks nor a last-position tail
+        assert moe.attribute(ids, last_position=last).reconstruction_error() <= 1e-9
+    assert moe._module(next(iter(moe._captures.values())), fxdepass.tokens(), ("logits",))[0].meta["position_wise"] is False
 
 
 @pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"),

@@ -1,5 +1,5 @@
 """Every architecture family of the core issue, explicitly: exact in float64, within 1e-4 in float32,
-and the real pass under the float64 policy agrees with the model's own float64 output."""
+and the real pass under the float64 policy agrees with the model's own float64 output (float32 for MoE)."""
 from __future__ import annotations
 
 import pytest
@@ -17,9 +17,9 @@ def test_family_is_exact(family: str) -> None:
     ids = torch.randint(0, families.VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, readout=readout)
     assert attribution.reconstruction_error() <= 1e-9
-    with torch.no_grad():
-        output = model.double()(input_ids=ids)
+    with torch.no_grad():  # MoE models stay float32: their grouped expert kernel has no float64 CPU version
+        output = (model if family in families.MOE else model.double())(input_ids=ids)
     ordinary = output.logits if readout == "logits" else output.last_hidden_state
-    assert relative_error(attribution.total, ordinary) <= 1e-5  # only the removed float32 casts differ
+    assert relative_error(attribution.total, ordinary.double()) <= 1e-5  # only the removed float32 casts differ
     single = fxdepass.compile(model.float()).attribute(ids, readout=readout)
     assert relative_error(single.components.sum(0), ordinary.float()) <= 1e-4

@@ -24,7 +24,7 @@ def _compiled(family: str, layers: int, head_dim: int, seed: int) -> tuple[torch
     return model, fxdepass.compile(model, dtype=torch.float64)
 
 
-def _make_seed(kind: str, layer: int, width: int, length: int, data: st.DataObject) -> fxdepass.Seed:
+def _make_seed(kind: str, layer: int, width: int, length: int, data: st.DataObject, moe: bool = False) -> fxdepass.Seed:
     if kind == "tokens":
         return fxdepass.tokens(sink=data.draw(st.booleans()))
     if kind == "positions":
@@ -37,7 +37,8 @@ def _make_seed(kind: str, layer: int, width: int, length: int, data: st.DataObje
     if kind == "neurons":
         return fxdepass.neurons(layer)
     if kind == "neuron_groups":
-        return fxdepass.neurons(layer, indices=data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=5, unique=True)), group_size=2)
+        indices = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=5, unique=True))
+        return fxdepass.neurons(layer, indices=indices, group_size=2, expert=data.draw(st.integers(-4, 3)) if moe else None)
     if kind == "modules":
         return fxdepass.modules(layer)
     if kind == "subspace":
@@ -55,7 +56,7 @@ def test_every_seed_is_exact(family: str, kind: str, layers: int, layer: int, he
                              data: st.DataObject) -> None:
     layer = layer % layers
     model, decomposed = _compiled(family, layers, head_dim, 0)
-    seed = _make_seed(kind, layer, 4 * head_dim, length, data)
+    seed = _make_seed(kind, layer, 4 * head_dim, length, data, moe=family in families.MOE)
     if isinstance(seed, fxdepass.Custom):
         block = decomposed.locations_of(next(iter(decomposed._captures.values()))).blocks[layer]
         seed = fxdepass.custom(block, where=data.draw(st.sampled_from(["input", "output"])), split=seed.split, names=seed.names)
@@ -117,6 +118,76 @@ def test_neuron_components_are_act_times_up_times_down_column(llama64) -> None:
     for i in (0, 7, 47):
         direct = hidden[..., i : i + 1] * mlp.down_proj.weight[:, i]
         assert relative_error(attribution.components[i], direct) <= HF_FORWARD
+
+
+#: The MoE models run in float32 (their grouped expert kernel has no float64 CPU version) and are
+#: decomposed in float64; direct computations start from the float32 eager activations.
+MOE_FORWARD = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> tuple[torch.nn.Module, fxdepass.DecomposedModel]:
+    model = families.build("mixtral", layers=2, seed=4)
+    return model, fxdepass.compile(model, dtype=torch.float64)
+
+
+def _expert_terms(moe: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, expert and neuron: router weight × act(gate)·up — and the router weight per token and expert."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    _, weights, chosen = moe.gate(x.float())
+    routed = torch.zeros(x.shape[0], moe.experts.num_experts, dtype=torch.float64)
+    routed.scatter_add_(1, chosen, weights.double())
+    gate, up = torch.einsum("td,eid->tei", x, moe.experts.gate_up_proj.double()).chunk(2, dim=-1)
+    return routed[..., None] * moe.experts.act_fn(gate) * up, routed
+
+
+def test_moe_neuron_seeds_are_per_expert_and_per_expert_neuron(mixtral) -> None:
+    model, decomposed = mixtral
+    moe = model.model.layers[1].mlp
+    x, y = _capture_io(moe, lambda: model(IDS))
+    terms, routed = _expert_terms(moe, x)
+    down = moe.experts.down_proj.double()                                   # [experts, d, neurons]
+    per_expert = decomposed.attribute(IDS, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
+    assert per_expert.labels == ["L1E0", "L1E1", "L1E2", "L1E3", "rest"]
+    assert routed.gt(0).any(0).sum() >= 2                                    # several experts really used
+    for e in range(4):
+        direct = torch.einsum("ti,di->td", terms[:, e], down[e]).reshape(y.shape)
+        torch.testing.assert_close(per_expert.components[e], direct, rtol=0, atol=MOE_FORWARD * float(y.abs().max()))
+    per_neuron = decomposed.attribute(IDS, seed=fxdepass.neurons(1, expert=2, indices=[0, 5, 9]), readout="model.layers.1.mlp")
+    assert per_neuron.labels == ["L1E2N0", "L1E2N5", "L1E2N9", "rest"]
+    for k, i in enumerate((0, 5, 9)):
+        direct = (terms[:, 2, i, None] * down[2][:, i]).reshape(y.shape)
+        torch.testing.assert_close(per_neuron.components[k], direct, rtol=0, atol=MOE_FORWARD * float(y.abs().max()))
+    assert relative_error(per_neuron.total, y.double()) <= MOE_FORWARD
+
+
+def test_moe_shared_expert_is_its_own_component_and_seeds_check_the_layer_kind() -> None:
+    model = families.build("qwen2_moe", layers=2, seed=4)
+    decomposed = fxdepass.compile(model, dtype=torch.float64)
+    attribution = decomposed.attribute(IDS, seed=fxdepass.neurons(-1), readout="model.layers.1.mlp")
+    assert attribution.labels[-2:] == ["L1 shared expert", "rest"]
+    x, _ = _capture_io(model.model.layers[1].mlp.shared_expert, lambda: model(IDS))
+    _, shared = _capture_io(model.model.layers[1].mlp.shared_expert.down_proj, lambda: model(IDS))
+    gate = torch.sigmoid(model.model.layers[1].mlp.shared_expert_gate(x)).double()
+    torch.testing.assert_close(attribution.components[-2], (gate * shared.double()).reshape(1, 7, -1), rtol=0, atol=MOE_FORWARD * float(shared.abs().max()))
+    assert attribution.reconstruction_error() <= 1e-9
+    with pytest.raises(fxdepass.InvalidSeedError, match="expert=e"):
+        decomposed.attribute(IDS, seed=fxdepass.neurons(1, indices=[0]))
+    with pytest.raises(fxdepass.InvalidSeedError, match="mixture of experts"):
+        with fxdepass.ablate(decomposed, neurons={1: [0]}):
+            pass
+    with pytest.raises(fxdepass.InvalidSeedError, match="expert 4 is out of range"):
+        decomposed.attribute(IDS, seed=fxdepass.neurons(1, expert=4))
+    with pytest.raises(fxdepass.InvalidSeedError, match="no routed experts"):
+        fxdepass.compile(families.build("llama", layers=1)).attribute(IDS, seed=fxdepass.neurons(0, expert=0))
+
+
+def test_moe_modules_seed_puts_the_whole_moe_block_in_the_mlp_component(mixtral) -> None:
+    model, decomposed = mixtral
+    attribution = decomposed.attribute(IDS, seed=fxdepass.modules(1), readout="model.layers.1.mlp")
+    _, y = _capture_io(model.model.layers[1].mlp, lambda: model(IDS))
+    assert relative_error(attribution.components[1], y.double()) <= MOE_FORWARD
+    assert attribution.reconstruction_error() <= 1e-9
 
 
 def test_modules_of_a_one_layer_model_are_direct_effects() -> None:
