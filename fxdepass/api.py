@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from .blocked import BlockedInterpreter, supports_blocks
-from .capture import CapturedModel, capture, cast_floats, model_inputs, run_options
+from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
@@ -246,8 +246,8 @@ class DecomposedModel:
             raise InvalidInputError(f"input_ids are on {ids.device} but the model is on {self.device}; move them with .to()")
         if self.vocab_size is not None and bool(((ids < 0) | (ids >= self.vocab_size)).any()):
             raise InvalidInputError(f"input_ids must lie in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
-        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and ids.shape[1] > limit:
+        limit = position_limit(self.model)
+        if limit is not None and ids.shape[1] > limit:
             raise InvalidInputError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {limit} "
                                     "(config.max_position_embeddings)")
         return ids.long()

@@ -18,6 +18,18 @@ floating-point rounding (tests compare against the dense path in float64).
 
 A run needs batch size 1 (a merged batch·position axis is then a position axis), a model the
 caller has checked is causal, and no component op that reduces over positions.
+
+Note [Neuron chunks]
+~~~~~~~~~~~~~~~~~~~~
+An MLP's hidden components (components × positions × neurons) are several times larger than the
+residual stream's, and an activation's allocation makes a few temporaries of that size.  Every op
+between the projection into the hidden layer and the projection out of it acts on each neuron
+separately (elementwise ops, views keeping the neuron axis last, the per-element allocation), so
+the region runs exactly in slices of neurons: the projection in on a slice of its weight rows, the
+real values the region reads on the same slice, the projection out on the matching weight columns,
+the slices' outputs summed (bias in the first slice only).  :func:`neuron_regions` finds such
+regions in the generated graph; :class:`BlockedInterpreter` runs them slice by slice, so the
+hidden layer never exists in full.
 """
 from __future__ import annotations
 
@@ -34,9 +46,97 @@ from fxdepass.rules.attention import attention_probabilities, scaled_dot_product
 from . import registry
 from .seeds import split_groups
 
-__all__ = ["Blocks", "BlockedInterpreter", "supports_blocks", "block_starts"]
+__all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
+
+aten = torch.ops.aten
+#: projections into or out of a hidden layer: op → (features argument, weight argument, weight's neuron
+#: axis when projecting *in*, bias argument)
+_PROJECTIONS = {aten.linear.default: (1, 2, 0, 3), aten.addmm.default: (2, 3, 1, 1), aten.mm.default: (1, 2, 1, None)}
+#: ops that act on each element (or keep the last axis as it is) along the neuron axis
+_ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
+                aten.clone.default, aten._to_copy.default, aten.alias.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: target size (values) of one neuron slice's hidden components (Note [Neuron chunks])
+NEURON_CHUNK_ELEMENTS = 1 << 22
 
 
+
+
+@dataclasses.dataclass
+class NeuronRegion:
+    """An MLP hidden layer that runs in neuron slices (Note [Neuron chunks])."""
+
+    #: the region's component nodes, in graph order; the last is the projection out
+    members: list[torch.fx.Node]
+    #: the hidden layer's width
+    width: int
+    #: real inputs to slice → the axis holding the neurons
+    sliced: dict[torch.fx.Node, int]
+    #: the projection out's bias (kept in the first slice only), if any
+    bias: torch.fx.Node | None
+
+
+def _last_dim(node: Any) -> Any:
+    real = node.meta.get("fxdepass_real", node) if isinstance(node, torch.fx.Node) else None
+    value = real.meta.get("val") if real is not None else None
+    return value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim else None
+
+
+def _linear_op(node: torch.fx.Node) -> Any:
+    from fxdepass.rules.linear import linear_map
+
+    return node.args[0] if node.op == "call_function" and node.target is linear_map else None
+
+
+def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
+    """MLP hidden layers of ``module`` that can run in neuron slices, keyed by their projection out."""
+    regions = {}
+    for node in module.graph.nodes:
+        op = _linear_op(node)
+        if op in _PROJECTIONS and node.kwargs.get("in_dims", ())[_PROJECTIONS[op][0] - 1:][:1] == (0,):
+            region = _region(node, op)
+            if region is not None:
+                regions[node] = region
+    return regions
+
+
+def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
+    features, weight_arg, _, bias_arg = _PROJECTIONS[op]
+    width = _last_dim(down.args[features])
+    if not isinstance(width, int) or width == _last_dim(down):
+        return None
+    weight = down.args[weight_arg]
+    # the projection out's weight: neurons on the axis that is not the output's
+    sliced = {weight: 0 if op is not aten.linear.default else 1}
+    members, todo = [down], [down.args[features]]
+    while todo:
+        node = todo.pop()
+        if node in members:
+            continue
+        inner = _linear_op(node)
+        if inner is None and node.target is not allocate or _last_dim(node) != width:
+            return None
+        members.append(node)
+        if inner in _PROJECTIONS:  # the projection in: slice its weight rows (or columns) and bias
+            f, w, axis, b = _PROJECTIONS[inner]
+            if _last_dim(node.args[f]) == width or node.kwargs["in_dims"][f - 1] != 0:
+                return None
+            sliced[node.args[w]] = axis
+            if b is not None and len(node.args) > b and isinstance(node.args[b], torch.fx.Node):
+                sliced[node.args[b]] = 0
+            continue
+        if inner is not None and inner not in _ELEMENTWISE and inner not in _VIEWS:
+            return None
+        for arg in node.all_input_nodes:
+            if "fxdepass_real" in arg.meta:
+                todo.append(arg)
+            elif _last_dim(arg) == width and isinstance(arg.meta.get("val"), torch.Tensor):
+                sliced[arg] = arg.meta["val"].ndim - 1
+    if any(user not in members for m in members[1:] for user in m.users):
+        return None  # a hidden value is read outside the region
+    order = {n: i for i, n in enumerate(down.graph.nodes)}
+    bias = down.args[bias_arg] if bias_arg is not None and len(down.args) > bias_arg else None
+    return NeuronRegion(sorted(members, key=order.get), width, sliced, bias if isinstance(bias, torch.fx.Node) else None)
 
 
 @dataclasses.dataclass
@@ -102,6 +202,17 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = self._tail(module) if last_position_only else set()
+        if "neuron_regions" not in module.meta:
+            module.meta["neuron_regions"] = neuron_regions(module)
+        self.regions = {m: r for r in module.meta["neuron_regions"].values() for m in r.members}
+        order = {n: i for i, n in enumerate(module.graph.nodes)}
+        for region in module.meta["neuron_regions"].values():  # what members read lives until the region runs
+            down = region.members[-1]
+            held = {a for m in region.members for a in m.all_input_nodes} | set(region.members)
+            for user, deleted in list(self.user_to_last_uses.items()):
+                if order[user] < order[down] and any(n in held for n in deleted):
+                    self.user_to_last_uses[user] = [n for n in deleted if n not in held]
+                    self.user_to_last_uses.setdefault(down, []).extend(n for n in deleted if n in held)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         ids = args[0]
@@ -163,16 +274,16 @@ class BlockedInterpreter(torch.fx.Interpreter):
         shift = start - value.starts[k]
         return self._narrow_tensor(arg.meta["fxdepass_real"], value.parts[k], shift, offset=1) if shift else value.parts[k]
 
-    def _block_args(self, node: torch.fx.Node, k: int, start: int) -> tuple[tuple, dict]:
-        def pick(arg: Any) -> Any:
-            if isinstance(arg, torch.fx.Node):
-                value = self.env[arg]
-                return self._part(arg, value, k, start) if isinstance(value, Blocks) else self._narrow(arg, value, start)
-            if isinstance(arg, (list, tuple)):  # plain lists and tuples: vmap matches in_dims by type
-                return (list if isinstance(arg, list) else tuple)(pick(a) for a in arg)
-            return arg
+    def _block_args(self, node: torch.fx.Node, args: tuple, kwargs: dict, k: int, start: int) -> tuple[tuple, dict]:
+        """``node``'s argument values for block ``k``, restricted to positions ``≥ start``."""
+        def pick(template: Any, value: Any) -> Any:
+            if isinstance(template, torch.fx.Node):
+                return self._part(template, value, k, start) if isinstance(value, Blocks) else self._narrow(template, value, start)
+            if isinstance(template, (list, tuple)):  # plain lists and tuples: vmap matches in_dims by type
+                return (list if isinstance(template, list) else tuple)(pick(t, v) for t, v in zip(template, value))
+            return value
 
-        return tuple(pick(a) for a in node.args), {key: pick(v) for key, v in node.kwargs.items()}
+        return pick(node.args, args), {key: pick(node.kwargs[key], v) for key, v in kwargs.items()}
 
     def _assemble(self, value: Blocks, real: torch.fx.Node) -> tuple[torch.Tensor, int]:
         """The dense ``[M+1, …]`` components of a blocked value at positions ``≥ base`` (the smallest
@@ -208,8 +319,51 @@ class BlockedInterpreter(torch.fx.Interpreter):
     # -- the hooks -----------------------------------------------------------------------------
 
     def run_node(self, node: torch.fx.Node) -> Any:
+        region = self.regions.get(node)
+        if region is not None:  # members wait for the projection out, then run in slices
+            return self._run_region(region) if node is region.members[-1] else None
         self.node = node
         return super().run_node(node)
+
+    def _run_region(self, region: NeuronRegion) -> Any:
+        """The region's projection out, summed over neuron slices (Note [Neuron chunks])."""
+        down = region.members[-1]
+        # a slice's hidden components hold about NEURON_CHUNK_ELEMENTS values, and never more than
+        # an eighth of the residual stream's
+        rows = (self.length + 1) * self.length
+        chunk = max(1, _last_dim(down) // 8, NEURON_CHUNK_ELEMENTS // rows)
+        saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
+        total = None
+        try:
+            for start in range(0, region.width, chunk):
+                size = min(chunk, region.width - start)
+                for node, axis in region.sliced.items():
+                    self.env[node] = saved[node].narrow(axis, start, size)
+                if region.bias is not None and start:
+                    self.env[region.bias] = torch.zeros_like(saved[region.bias])
+                for member in region.members:
+                    self.node = member
+                    args, kwargs = self.fetch_args_kwargs_from_env(member)
+                    if _linear_op(member) in _VIEWS and args[2][-1] == region.width:
+                        args = (*args[:2], [*args[2][:-1], size], *args[3:])
+                    if member is down and isinstance(total, Blocks):
+                        self._add_blocks(total, member, args, kwargs)
+                    else:
+                        self.env[member] = self.call_function(member.target, args, kwargs)
+                if total is None:
+                    total = self.env[down]
+                for member in region.members:
+                    self.env[member] = None
+        finally:
+            self.env.update(saved)
+        return total
+
+    def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict) -> None:
+        """Add ``node``'s blocks to ``total`` one at a time (no second full-size value)."""
+        for k, start in enumerate(self._starts_for(node)):
+            block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
+            with registry.rest_in_block(k == 0):
+                total.parts[k].add_(node.target(*block_args, **block_kwargs))
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         node = self.node
@@ -220,8 +374,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if target is split_groups:
             return self._split(real, target(*args, **kwargs), 0, starts)
         if target is allocate:
-            dense, base = self._assemble(self.env[node.args[0]], node.args[0].meta["fxdepass_real"])
-            activation = self._narrow(node.args[1], self.env[node.args[1]], base)
+            dense, base = self._assemble(args[0], node.args[0].meta["fxdepass_real"])
+            activation = self._narrow(node.args[1], args[1], base)
             if kwargs.get("sink") is not None:  # positions are now counted from base
                 kwargs = {**kwargs, "sink": kwargs["sink"] - torch.tensor([[0], [base]], device=kwargs["sink"].device)}
             return self._split(real, target(dense, activation, **kwargs), base, starts)
@@ -229,7 +383,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
             return self._attention(node, kwargs)
         parts = []
         for k, start in enumerate(starts):
-            block_args, block_kwargs = self._block_args(node, k, start)
+            block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
             with registry.rest_in_block(k == 0):
                 parts.append(target(*block_args, **block_kwargs))
         return Blocks(parts, list(starts))

@@ -16,7 +16,7 @@ import torch.fx
 
 from .errors import CaptureError
 
-__all__ = ["CapturedModel", "capture", "model_inputs", "run_options", "cast_floats"]
+__all__ = ["CapturedModel", "capture", "model_inputs", "position_limit", "run_options", "cast_floats"]
 
 #: Model inputs fxdepass passes when the model's ``forward`` accepts them.
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -79,17 +79,28 @@ def run_options(model: torch.nn.Module) -> dict[str, Any]:
     return {}
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest prompt the model takes (``config.max_position_embeddings``), or ``None`` if it sets
+    none (XLNet's ``-1`` means unlimited).
+
+    >>> position_limit(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True) -> CapturedModel:
     """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.
 
     >>> captured = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # doctest: +SKIP
     """
     kwargs: dict[str, Any] = {**example, **run_options(model)}
+    limit = position_limit(model)
     shapes = None
     if dynamic:
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
         batch = torch.export.Dim("batch", min=1, max=1024)
-        sequence = torch.export.Dim("sequence", min=2, max=max(int(limit), 3))
+        sequence = torch.export.Dim("sequence", min=2, max=max(limit or 4096, 3))
         shapes = {k: ({0: batch, 1: sequence} if k in example else None) for k in kwargs}
     was_training = model.training
     model.eval()

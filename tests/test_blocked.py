@@ -22,6 +22,7 @@ def test_blocks_equal_dense(family: str) -> None:
             assert relative_error(got[name].components, expected[name].components) <= 1e-12
     module = blocked._module(next(iter(blocked._captures.values())), fxdepass.tokens(), ("logits", "layers"))[0]
     assert module.meta["position_wise"] is True and blocked.causal  # the blocked path really ran
+    assert len(module.meta["neuron_regions"]) == 2  # and each layer's MLP in neuron slices (Note [Neuron chunks])
 
 
 def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
