@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import families
 import fxdepass
 from conftest import relative_error
+from oracle_moe import mixtral_expert_terms
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 SEED_KINDS = ("tokens", "positions", "groups", "heads", "neurons", "neuron_groups", "modules", "subspace", "custom")
@@ -131,21 +132,11 @@ def mixtral() -> tuple[torch.nn.Module, fxdepass.DecomposedModel]:
     return model, fxdepass.compile(model, dtype=torch.float64)
 
 
-def _expert_terms(moe: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, expert and neuron: router weight × act(gate)·up — and the router weight per token and expert."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    _, weights, chosen = moe.gate(x.float())
-    routed = torch.zeros(x.shape[0], moe.experts.num_experts, dtype=torch.float64)
-    routed.scatter_add_(1, chosen, weights.double())
-    gate, up = torch.einsum("td,eid->tei", x, moe.experts.gate_up_proj.double()).chunk(2, dim=-1)
-    return routed[..., None] * moe.experts.act_fn(gate) * up, routed
-
-
 def test_moe_neuron_seeds_are_per_expert_and_per_expert_neuron(mixtral) -> None:
     model, decomposed = mixtral
     moe = model.model.layers[1].mlp
     x, y = _capture_io(moe, lambda: model(IDS))
-    terms, routed = _expert_terms(moe, x)
+    terms, routed = mixtral_expert_terms(moe, x)
     down = moe.experts.down_proj.double()                                   # [experts, d, neurons]
     per_expert = decomposed.attribute(IDS, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
     assert per_expert.labels == ["L1E0", "L1E1", "L1E2", "L1E3", "rest"]

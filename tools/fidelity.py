@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import families  # noqa: E402
 import fxdepass  # noqa: E402
 from oracle_llama import depass_tokens_llama  # noqa: E402
+from oracle_moe import mixtral_expert_terms  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "paper-reference"
 
@@ -52,7 +53,41 @@ def main() -> int:
         print(f"oracle (tiny Llama, 3 layers) sink={sink}: logit components rel. error "
               f"{relative(attribution.components[:, 0], oracle['logits_components']):.1e}, "
               f"reconstruction error {attribution.reconstruction_error():.1e}")
+    moe_fidelity()
     return 0
+
+
+def _module_input(module: torch.nn.Module, run: object) -> torch.Tensor:
+    seen = {}
+    handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def moe_fidelity() -> None:
+    """Mixtral's per-expert and per-expert-neuron components against the direct oracle; every MoE seed's sum."""
+    model = families.build("mixtral", layers=2, seed=4)
+    decomposed = fxdepass.compile(model, dtype=torch.float64)
+    ids = torch.randint(0, families.VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    moe = model.model.layers[1].mlp
+    terms, _ = mixtral_expert_terms(moe, _module_input(moe, lambda: model(ids)))
+    down = moe.experts.down_proj.detach().double()
+    experts = decomposed.attribute(ids, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
+    direct = torch.stack([terms[:, e] @ down[e].T for e in range(down.shape[0])]).reshape(experts.components[:-1].shape)
+    neurons = decomposed.attribute(ids, seed=fxdepass.neurons(1, expert=1), readout="model.layers.1.mlp")
+    per_neuron = torch.einsum("ti,di->itd", terms[:, 1], down[1]).reshape(neurons.components[:-1].shape)
+    print(f"mixtral (2 layers, 4 experts, top-2) per-expert components vs direct: rel. error "
+          f"{relative(experts.components[:-1], direct):.1e}; expert 1's neurons: {relative(neurons.components[:-1], per_neuron):.1e}")
+    for family in families.MOE:
+        decomposed = fxdepass.compile(families.build(family, layers=2, seed=4), dtype=torch.float64)
+        seeds = {"tokens": fxdepass.tokens(), "heads(1)": fxdepass.heads(1), "neurons(1)": fxdepass.neurons(1),
+                 "neurons(1, expert=0)": fxdepass.neurons(1, expert=0), "modules(1)": fxdepass.modules(1)}
+        errors = ", ".join(f"{name} {decomposed.attribute(ids, seed=seed).reconstruction_error():.1e}" for name, seed in seeds.items())
+        print(f"{family} logits reconstruction error: {errors}")
 
 
 if __name__ == "__main__":
