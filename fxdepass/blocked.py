@@ -44,18 +44,15 @@ from fxdepass.rules.activations import allocate
 from fxdepass.rules.attention import attention_probabilities, scaled_dot_product_attention
 
 from . import registry
+from .narrowing import PROJECTIONS, VIEWS, component_op
 from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
 
 aten = torch.ops.aten
-#: projections into or out of a hidden layer: op → (features argument, weight argument, weight's neuron
-#: axis when projecting *in*, bias argument)
-_PROJECTIONS = {aten.linear.default: (1, 2, 0, 3), aten.addmm.default: (2, 3, 1, 1), aten.mm.default: (1, 2, 1, None)}
 #: ops that act on each element (or keep the last axis as it is) along the neuron axis
 _ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
                 aten.clone.default, aten._to_copy.default, aten.alias.default}
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 #: target size (values) of one neuron slice's hidden components (Note [Neuron chunks])
 NEURON_CHUNK_ELEMENTS = 1 << 22
 
@@ -82,18 +79,12 @@ def _last_dim(node: Any) -> Any:
     return value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim else None
 
 
-def _linear_op(node: torch.fx.Node) -> Any:
-    from fxdepass.rules.linear import linear_map
-
-    return node.args[0] if node.op == "call_function" and node.target is linear_map else None
-
-
 def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
     """MLP hidden layers of ``module`` that can run in neuron slices, keyed by their projection out."""
     regions = {}
     for node in module.graph.nodes:
-        op = _linear_op(node)
-        if op in _PROJECTIONS and node.kwargs.get("in_dims", ())[_PROJECTIONS[op][0] - 1:][:1] == (0,):
+        op = component_op(node)
+        if op in PROJECTIONS and node.kwargs.get("in_dims", ())[PROJECTIONS[op][0] - 1:][:1] == (0,):
             region = _region(node, op)
             if region is not None:
                 regions[node] = region
@@ -101,7 +92,7 @@ def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRe
 
 
 def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
-    features, weight_arg, _, bias_arg = _PROJECTIONS[op]
+    features, weight_arg, _, bias_arg = PROJECTIONS[op]
     width = _last_dim(down.args[features])
     if not isinstance(width, int) or width == _last_dim(down):
         return None
@@ -113,19 +104,19 @@ def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
         node = todo.pop()
         if node in members:
             continue
-        inner = _linear_op(node)
+        inner = component_op(node)
         if inner is None and node.target is not allocate or _last_dim(node) != width:
             return None
         members.append(node)
-        if inner in _PROJECTIONS:  # the projection in: slice its weight rows (or columns) and bias
-            f, w, axis, b = _PROJECTIONS[inner]
+        if inner in PROJECTIONS:  # the projection in: slice its weight rows (or columns) and bias
+            f, w, axis, b = PROJECTIONS[inner]
             if _last_dim(node.args[f]) == width or node.kwargs["in_dims"][f - 1] != 0:
                 return None
             sliced[node.args[w]] = axis
             if b is not None and len(node.args) > b and isinstance(node.args[b], torch.fx.Node):
                 sliced[node.args[b]] = 0
             continue
-        if inner is not None and inner not in _ELEMENTWISE and inner not in _VIEWS:
+        if inner is not None and inner not in _ELEMENTWISE and inner not in VIEWS:
             return None
         for arg in node.all_input_nodes:
             if "fxdepass_real" in arg.meta:
@@ -344,7 +335,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
                 for member in region.members:
                     self.node = member
                     args, kwargs = self.fetch_args_kwargs_from_env(member)
-                    if _linear_op(member) in _VIEWS and args[2][-1] == region.width:
+                    if component_op(member) in VIEWS and args[2][-1] == region.width:
                         args = (*args[:2], [*args[2][:-1], size], *args[3:])
                     if member is down and isinstance(total, Blocks):
                         self._add_blocks(total, member, args, kwargs)
