@@ -40,7 +40,7 @@ import sympy
 import torch
 import torch.fx
 
-from fxdepass.rules.activations import allocate
+from fxdepass.rules.activations import allocate, sink_mask
 from fxdepass.rules.attention import attention_probabilities, scaled_dot_product_attention
 
 from . import registry
@@ -364,6 +364,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
         starts = self._starts_for(node)
         if target is split_groups:
             return self._split(real, target(*args, **kwargs), 0, starts)
+        if target is allocate and kwargs.get("mode", "softmax") == "softmax":
+            return self._softmax_allocation(node, args, kwargs)
         if target is allocate:
             dense, base = self._assemble(args[0], node.args[0].meta["fxdepass_real"])
             activation = self._narrow(node.args[1], args[1], base)
@@ -377,6 +379,47 @@ class BlockedInterpreter(torch.fx.Interpreter):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
             with registry.rest_in_block(k == 0):
                 parts.append(target(*block_args, **block_kwargs))
+        return Blocks(parts, list(starts))
+
+    def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Blocks:
+        """The softmax allocation (rules/activations.py Note [Activation allocation]) block by block:
+        the normaliser is accumulated across blocks, so the components are never assembled."""
+        value, activation = args[0], args[1]
+        real = node.args[0].meta["fxdepass_real"]
+        sink, scale = kwargs.get("sink"), 1.0 / kwargs.get("temperature", 0.1)
+
+        def stat(k: int, stats: torch.Tensor) -> torch.Tensor:  # a statistic at block k's positions
+            return self._narrow_tensor(real, stats, value.starts[k])
+
+        absent = []
+        anything = torch.zeros(activation.shape, dtype=torch.bool, device=activation.device)
+        for k, part in enumerate(value.parts):
+            mask = part == 0
+            if sink is not None:  # block k's components and positions are counted from its starts
+                shift = torch.tensor([[self.starts[k]], [value.starts[k]]], device=sink.device)
+                excluded = sink_mask(part, sink - shift, kwargs.get("batch_axis"), kwargs["position_axis"])
+                if k == 0:
+                    excluded[-1] = False  # the rest component is never the sink
+                mask |= excluded
+            stat(k, anything).logical_or_(~mask.all(0))
+            absent.append(mask)
+        absent[0][-1].logical_and_(stat(0, anything))  # where no component is present, rest takes everything
+        top = torch.full(activation.shape, float("-inf"), dtype=value.parts[0].dtype, device=activation.device)
+        for k, part in enumerate(value.parts):
+            torch.maximum(stat(k, top), part.masked_fill(absent[k], float("-inf")).amax(0), out=stat(k, top))
+        total = torch.zeros_like(top)
+        shares = []
+        for k, part in enumerate(value.parts):
+            share = (part - stat(k, top)).mul_(scale).exp_().masked_fill_(absent[k], 0.0)
+            stat(k, total).add_(share.sum(0))
+            shares.append(share)
+        ratio = activation / total
+        starts = self._starts_for(node)
+        parts = []
+        for k, share in enumerate(shares):
+            part = share.mul_(stat(k, ratio))
+            shift = starts[k] - value.starts[k]
+            parts.append(self._narrow_tensor(real, part, shift, offset=1) if shift else part)
         return Blocks(parts, list(starts))
 
     def _attention(self, node: torch.fx.Node, kwargs: dict) -> Blocks:

@@ -25,6 +25,19 @@ def test_blocks_equal_dense(family: str) -> None:
     assert len(module.meta["neuron_regions"]) == 2  # and each layer's MLP in neuron slices (Note [Neuron chunks])
 
 
+def test_blocks_with_the_sink_at_a_block_boundary() -> None:
+    """Left padding moves the sink to position 20, the first component of the second block (41 tokens
+    make 2 blocks, starting at 0 and 20): the
+    per-block softmax must exclude it there, and never mistake block 0's rest for it."""
+    model = families.build("llama", layers=2, seed=4)
+    ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :20] = 0
+    dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, attention_mask=mask)
+    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, attention_mask=mask)
+    assert relative_error(blocked.components, dense.components) <= 1e-12
+
+
 def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     encoder = fxdepass.compile(families.build("bert"), dtype=torch.float64, causal_blocks=4)
     ids = torch.randint(0, families.VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
