@@ -17,12 +17,17 @@ from .capture import capture, model_inputs
 from .errors import InvalidSeedError
 from .locations import Locations, module_path
 
-__all__ = ["ablate"]
+__all__ = ["ablate", "locate"]
 
 _LOCATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Locations]" = weakref.WeakKeyDictionary()
 
 
-def _locations(model: Any) -> tuple[torch.nn.Module, Locations]:
+def locate(model: Any) -> tuple[torch.nn.Module, Locations]:
+    """The Hugging Face model behind ``model`` (itself, or a DecomposedModel's) and its :class:`Locations`
+    (captured once per model and kept while the model lives).
+
+    >>> root, where = locate(model); where.output_projection(-1).name       # doctest: +SKIP
+    """
     if hasattr(model, "locations_of") and hasattr(model, "model"):  # a DecomposedModel
         return model.model, model.locations_of(next(iter(model._captures.values())))
     if model not in _LOCATIONS:
@@ -55,7 +60,7 @@ def ablate(
     >>> with fxdepass.ablate(model, heads={3: [0, 5]}, neurons={-1: [17]}):      # doctest: +SKIP
     ...     logits = model(input_ids).logits
     """
-    module_root, where = _locations(model)
+    module_root, where = locate(model)
     plans: list[tuple[torch.fx.Node, torch.Tensor]] = []
     for layer, chosen in (heads or {}).items():
         projection = where.output_projection(layer)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from .blocked import BlockedInterpreter, supports_blocks
+from .blocked import BlockedInterpreter, neuron_regions, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
 from .diagnose import diagnose
 from .errors import (
@@ -388,14 +388,16 @@ class DecomposedModel:
         warnings.warn("fxdepass: " + message, stacklevel=3)
 
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
-                        components: int) -> int:
+                        components: int, blocked: bool = False) -> int:
         """Estimated peak bytes of one decomposed pass: the largest components tensor, held about three
-        times (an input, the output, a temporary)."""
+        times (an input, the output, a temporary).  With causal blocks, MLP hidden layers run in neuron
+        slices (Note [Neuron chunks]) and do not count."""
+        sliced = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if blocked else set()
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
         largest = 0
         for node in module.graph.nodes:
-            real = node.meta.get("fxdepass_real")
+            real = node.meta.get("fxdepass_real") if node not in sliced else None
             value = real.meta.get("val") if real is not None else None
             if isinstance(value, torch.Tensor):
                 numel = 1
@@ -407,7 +409,7 @@ class DecomposedModel:
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
                       limit: int | None, components: int) -> None:
         limit = _available_memory() * 8 // 10 if limit is None else int(limit)
-        need = self.estimate_memory(module, captured, ids, components) * (0.6 if blocked else 1.0)
+        need = self.estimate_memory(module, captured, ids, components, blocked) * (0.6 if blocked else 1.0)
         if need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
             raise OutOfMemoryEstimateError(

@@ -80,7 +80,14 @@ def _last_dim(node: Any) -> Any:
 
 
 def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
-    """MLP hidden layers of ``module`` that can run in neuron slices, keyed by their projection out."""
+    """MLP hidden layers of ``module`` that can run in neuron slices, keyed by their projection out
+    (found once, kept in ``module.meta``)."""
+    if "neuron_regions" not in module.meta:
+        module.meta["neuron_regions"] = _find_regions(module)
+    return module.meta["neuron_regions"]
+
+
+def _find_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
     regions = {}
     for node in module.graph.nodes:
         op = component_op(node)
@@ -193,11 +200,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = self._tail(module) if last_position_only else set()
-        if "neuron_regions" not in module.meta:
-            module.meta["neuron_regions"] = neuron_regions(module)
-        self.regions = {m: r for r in module.meta["neuron_regions"].values() for m in r.members}
+        self.regions = {m: r for r in neuron_regions(module).values() for m in r.members}
         order = {n: i for i, n in enumerate(module.graph.nodes)}
-        for region in module.meta["neuron_regions"].values():  # what members read lives until the region runs
+        for region in neuron_regions(module).values():  # what members read lives until the region runs
             down = region.members[-1]
             held = {a for m in region.members for a in m.all_input_nodes} | set(region.members)
             for user, deleted in list(self.user_to_last_uses.items()):
@@ -323,6 +328,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         # an eighth of the residual stream's
         rows = (self.length + 1) * self.length
         chunk = max(1, _last_dim(down) // 8, NEURON_CHUNK_ELEMENTS // rows)
+        chunk = -(-region.width // -(-region.width // chunk))  # equal slices, none left over
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
         total = None
         try:

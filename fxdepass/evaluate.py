@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .ablation import _locations, ablate
+from .ablation import ablate, locate
 from .api import DecomposedModel
 from .errors import InvalidInputError
 from .locations import module_path
@@ -294,7 +294,7 @@ def token_methods(model: torch.nn.Module, decomposed: Mapping[str, DecomposedMod
 def _projections(model: torch.nn.Module | DecomposedModel) -> tuple[dict[str, list[torch.nn.Module]], int]:
     """Each layer's attention output projection (``"heads"``) and MLP down projection (``"neurons"``)
     modules — the places :func:`fxdepass.ablate` zeroes — and the number of heads."""
-    root, where = _locations(model)
+    root, where = locate(model)
     layers = range(len(where.blocks))
     nodes = {"heads": [where.output_projection(l) for l in layers],
              "neurons": [where.down_projection(l) for l in layers]}
@@ -320,7 +320,7 @@ def _per_head(values: torch.Tensor, count: int) -> torch.Tensor:
 
 def depass_components(decomposed: DecomposedModel) -> ComponentMethod:
     """DePass head and neuron contributions to the target logit at the last position, every layer."""
-    layers = range(len(_locations(decomposed)[1].blocks))
+    layers = range(len(locate(decomposed)[1].blocks))
 
     def scores(prompt: Prompt) -> dict[str, torch.Tensor]:
         ids = prompt.ids.unsqueeze(0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import families
+from probes import module_io
 import fxdepass
 import tiny
 from fxdepass.graph import build_graph, embedding_target, keep_fraction, seed_graph
@@ -66,17 +67,6 @@ def test_tokens_split_every_node_exactly(graphs) -> None:
         assert from_tokens == pytest.approx(contribution, rel=1e-9, abs=1e-13)
 
 
-def _io(module: torch.nn.Module, run) -> tuple[torch.Tensor, torch.Tensor]:
-    seen = {}
-    handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return seen["x"], seen["y"]
-
-
 def test_first_layer_head_edges_equal_a_direct_computation(llama, graphs) -> None:
     """Token q's share of head h's output at p in layer 0: P[h, p, q] · W_O,h W_V,h norm(x_q), projected on the output."""
     model, _ = llama
@@ -84,7 +74,7 @@ def test_first_layer_head_edges_equal_a_direct_computation(llama, graphs) -> Non
     layer = model.model.layers[0]
     with torch.no_grad():
         probabilities = model(IDS, output_attentions=True).attentions[0][0]   # [heads, query, key]
-    x, _ = _io(layer.input_layernorm, lambda: model(IDS))
+    x, _ = module_io(layer.input_layernorm, lambda: model(IDS))
     x = x[0]
     norm = layer.input_layernorm
     heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
@@ -110,8 +100,8 @@ def test_first_layer_head_edges_equal_a_direct_computation(llama, graphs) -> Non
 def test_last_mlp_contribution_is_its_direct_logit_effect(llama, graphs) -> None:
     model, _ = llama
     full, _ = graphs
-    _, mlp_out = _io(model.model.layers[-1].mlp, lambda: model(IDS))
-    final, _ = _io(model.model.norm, lambda: model(IDS))
+    _, mlp_out = module_io(model.model.layers[-1].mlp, lambda: model(IDS))
+    final, _ = module_io(model.model.norm, lambda: model(IDS))
     norm = model.model.norm
     with torch.no_grad():
         scale = torch.rsqrt(final[0, -1].pow(2).mean() + norm.variance_epsilon) * norm.weight
@@ -210,7 +200,7 @@ def test_flattened_projections_give_exact_graphs(family: str) -> None:
         assert stage["kept"] + stage["rest"] == pytest.approx(graph.graph["value"], rel=1e-9)
     if family == "gpt2":
         projection = model.transformer.h[0].attn.c_proj
-        x, _ = _io(projection, lambda: model(IDS))
+        x, _ = module_io(projection, lambda: model(IDS))
         size = x.shape[-1] // model.config.n_head
         weight = projection.weight.detach()
         for h in range(model.config.n_head):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import families
 import fxdepass
 from conftest import relative_error
+from probes import module_io
 from oracle_moe import mixtral_expert_terms
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -72,17 +73,6 @@ def test_every_seed_is_exact(family: str, kind: str, layers: int, layer: int, he
 # -- each seed against a direct computation --------------------------------------------------------
 
 
-def _capture_io(module: torch.nn.Module, run) -> tuple[torch.Tensor, torch.Tensor]:
-    seen = {}
-    handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return seen["x"], seen["y"]
-
-
 @pytest.fixture(scope="module")
 def llama64() -> tuple[torch.nn.Module, fxdepass.DecomposedModel]:
     model = families.build("llama", layers=2, bias=True, seed=11).double()
@@ -99,7 +89,7 @@ def test_head_components_are_each_heads_term_of_the_output_projection(llama64) -
     model, decomposed = llama64
     projection = model.model.layers[1].self_attn.o_proj
     attribution = decomposed.attribute(IDS, seed=fxdepass.heads(-1), readout="model.layers.1.self_attn.o_proj")
-    x, y = _capture_io(projection, lambda: model(IDS))
+    x, y = module_io(projection, lambda: model(IDS))
     size = x.shape[-1] // model.config.num_attention_heads
     for h in range(model.config.num_attention_heads):
         cols = slice(h * size, (h + 1) * size)
@@ -113,7 +103,7 @@ def test_neuron_components_are_act_times_up_times_down_column(llama64) -> None:
     model, decomposed = llama64
     mlp = model.model.layers[0].mlp
     attribution = decomposed.attribute(IDS, seed=fxdepass.neurons(0), readout="model.layers.0.mlp.down_proj")
-    x, _ = _capture_io(mlp, lambda: model(IDS))
+    x, _ = module_io(mlp, lambda: model(IDS))
     with torch.no_grad():
         hidden = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     for i in (0, 7, 47):
@@ -135,7 +125,7 @@ def mixtral() -> tuple[torch.nn.Module, fxdepass.DecomposedModel]:
 def test_moe_neuron_seeds_are_per_expert_and_per_expert_neuron(mixtral) -> None:
     model, decomposed = mixtral
     moe = model.model.layers[1].mlp
-    x, y = _capture_io(moe, lambda: model(IDS))
+    x, y = module_io(moe, lambda: model(IDS))
     terms, routed = mixtral_expert_terms(moe, x)
     down = moe.experts.down_proj.double()                                   # [experts, d, neurons]
     per_expert = decomposed.attribute(IDS, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
@@ -157,8 +147,8 @@ def test_moe_shared_expert_is_its_own_component_and_seeds_check_the_layer_kind()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     attribution = decomposed.attribute(IDS, seed=fxdepass.neurons(-1), readout="model.layers.1.mlp")
     assert attribution.labels[-2:] == ["L1 shared expert", "rest"]
-    x, _ = _capture_io(model.model.layers[1].mlp.shared_expert, lambda: model(IDS))
-    _, shared = _capture_io(model.model.layers[1].mlp.shared_expert.down_proj, lambda: model(IDS))
+    x, _ = module_io(model.model.layers[1].mlp.shared_expert, lambda: model(IDS))
+    _, shared = module_io(model.model.layers[1].mlp.shared_expert.down_proj, lambda: model(IDS))
     gate = torch.sigmoid(model.model.layers[1].mlp.shared_expert_gate(x)).double()
     torch.testing.assert_close(attribution.components[-2], (gate * shared.double()).reshape(1, 7, -1), rtol=0, atol=MOE_FORWARD * float(shared.abs().max()))
     assert attribution.reconstruction_error() <= 1e-9
@@ -176,7 +166,7 @@ def test_moe_shared_expert_is_its_own_component_and_seeds_check_the_layer_kind()
 def test_moe_modules_seed_puts_the_whole_moe_block_in_the_mlp_component(mixtral) -> None:
     model, decomposed = mixtral
     attribution = decomposed.attribute(IDS, seed=fxdepass.modules(1), readout="model.layers.1.mlp")
-    _, y = _capture_io(model.model.layers[1].mlp, lambda: model(IDS))
+    _, y = module_io(model.model.layers[1].mlp, lambda: model(IDS))
     assert relative_error(attribution.components[1], y.double()) <= MOE_FORWARD
     assert attribution.reconstruction_error() <= 1e-9
 
@@ -185,9 +175,9 @@ def test_modules_of_a_one_layer_model_are_direct_effects() -> None:
     model = families.build("llama", layers=1, seed=3).double()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     attribution = decomposed.attribute(IDS, seed=fxdepass.modules(0))
-    attention_out = _capture_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))[1]
-    mlp_out = _capture_io(model.model.layers[0].mlp.down_proj, lambda: model(IDS))[1]
-    final, _ = _capture_io(model.model.norm, lambda: model(IDS))
+    attention_out = module_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))[1]
+    mlp_out = module_io(model.model.layers[0].mlp.down_proj, lambda: model(IDS))[1]
+    final, _ = module_io(model.model.norm, lambda: model(IDS))
     norm = model.model.norm
     scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
     for index, value in ((0, attention_out), (1, mlp_out)):
@@ -298,9 +288,9 @@ def test_ablate_zeroes_contributions_and_restores_exactly(llama64) -> None:
     parameters = {k: v.clone() for k, v in model.state_dict().items()}
     heads = model.config.num_attention_heads
     with fxdepass.ablate(decomposed, heads={1: list(range(heads))}, neurons={-1: [0, 3]}):
-        out = _capture_io(model.model.layers[1].self_attn.o_proj, lambda: model(IDS))[1]
+        out = module_io(model.model.layers[1].self_attn.o_proj, lambda: model(IDS))[1]
         torch.testing.assert_close(out, model.model.layers[1].self_attn.o_proj.bias.expand_as(out), rtol=0, atol=0)
-        x, _ = _capture_io(model.model.layers[1].mlp.down_proj, lambda: model(IDS))
+        x, _ = module_io(model.model.layers[1].mlp.down_proj, lambda: model(IDS))
         assert (x[..., [0, 3]] == 0).all() and (x[..., 1] != 0).any()
     with torch.no_grad():
         after = model(IDS).logits
@@ -321,5 +311,5 @@ def test_ablation_agrees_with_head_attribution() -> None:
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     attribution = decomposed.attribute(IDS, seed=fxdepass.heads(0), readout="model.layers.0.self_attn.o_proj")
     with torch.no_grad(), fxdepass.ablate(decomposed, heads={0: [2]}):
-        _, ablated = _capture_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))
+        _, ablated = module_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))
     assert relative_error(ablated, attribution.total - attribution.components[2]) <= HF_FORWARD

@@ -19,6 +19,7 @@ import families  # noqa: E402
 import fxdepass  # noqa: E402
 from oracle_llama import depass_tokens_llama  # noqa: E402
 from oracle_moe import mixtral_expert_terms  # noqa: E402
+from probes import module_io  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "paper-reference"
 
@@ -57,24 +58,13 @@ def main() -> int:
     return 0
 
 
-def _module_input(module: torch.nn.Module, run: object) -> torch.Tensor:
-    seen = {}
-    handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return seen["x"]
-
-
 def moe_fidelity() -> None:
     """Mixtral's per-expert and per-expert-neuron components against the direct oracle; every MoE seed's sum."""
     model = families.build("mixtral", layers=2, seed=4)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     ids = torch.randint(0, families.VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     moe = model.model.layers[1].mlp
-    terms, _ = mixtral_expert_terms(moe, _module_input(moe, lambda: model(ids)))
+    terms, _ = mixtral_expert_terms(moe, module_io(moe, lambda: model(ids))[0])
     down = moe.experts.down_proj.detach().double()
     experts = decomposed.attribute(ids, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
     direct = torch.stack([terms[:, e] @ down[e].T for e in range(down.shape[0])]).reshape(experts.components[:-1].shape)
