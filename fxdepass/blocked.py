@@ -368,6 +368,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if real is None:
             return super().call_function(target, args, kwargs)
         starts = self._starts_for(node)
+        if target is split_groups and kwargs.get("groups") is None and starts == self.starts:
+            return self._split_tokens(args[0], kwargs["position_axis"], starts)
         if target is split_groups:
             return self._split(real, target(*args, **kwargs), 0, starts)
         if target is allocate and kwargs.get("mode", "softmax") == "softmax":
@@ -385,6 +387,18 @@ class BlockedInterpreter(torch.fx.Interpreter):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
             with registry.rest_in_block(k == 0):
                 parts.append(target(*block_args, **block_kwargs))
+        return Blocks(parts, list(starts))
+
+    def _split_tokens(self, value: torch.Tensor, axis: int, starts: list[int]) -> Blocks:
+        """One component per position, straight into blocks: block ``k``'s component ``j`` is ``value`` at
+        position ``starts[k] + j``, on the diagonal of (component, position); block 0 ends with an empty rest."""
+        parts = []
+        for k, start in enumerate(starts):
+            count = (self.starts[k + 1] if k + 1 < len(self.starts) else self.length) - self.starts[k]
+            held = value.narrow(axis, start, value.shape[axis] - start)
+            part = held.new_zeros(count + (k == 0), *held.shape)
+            torch.diagonal(part[:count], dim1=0, dim2=axis + 1).copy_(held.narrow(axis, 0, count).movedim(axis, -1))
+            parts.append(part)
         return Blocks(parts, list(starts))
 
     def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Blocks:
