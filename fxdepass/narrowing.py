@@ -63,6 +63,12 @@ def _piece(split: torch.fx.Node, width: int) -> tuple[int, int] | None:
     return None
 
 
+def _width(node: torch.fx.Node) -> Any:
+    """The last axis of a component node's real value."""
+    value = node.meta["fxdepass_real"].meta.get("val")
+    return value.shape[-1] if isinstance(value, torch.Tensor) else None
+
+
 def _call(graph: torch.fx.Graph, target: Any, args: tuple, kwargs: dict, like: torch.fx.Node) -> torch.fx.Node:
     """A node computing ``target``, named and annotated after the node ``like`` it narrows."""
     node = graph.create_node("call_function", target, args, kwargs, name=f"{like.name}_cols")
@@ -83,8 +89,8 @@ def _narrow(split: torch.fx.Node) -> int:
         views.append(projection)
         projection = projection.args[1]
     op = component_op(projection)
-    if piece is None or op not in PROJECTIONS or len(projection.users) != 1:
-        return 0
+    if piece is None or op not in PROJECTIONS or len(projection.users) != 1 or _width(projection) != width:
+        return 0  # the views must keep the projection's columns as the last axis, unchanged
     features, weight, axis, bias = PROJECTIONS[op]
     in_dims = projection.kwargs["in_dims"]
     has_bias = bias is not None and len(projection.args) > bias and projection.args[bias] is not None

@@ -31,6 +31,8 @@ FAMILIES = (
     "starcoder2", "cohere", "granite", "olmo", "olmo2", "smollm3", "gpt_bigcode", "gpt_neo",
     # Mixtures of experts: softmax and sigmoid routers, group top-k, shared experts, latent attention.
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+    # Hybrid linear attention whose fused projection is viewed into heads before the split (not narrowable).
+    "qwen3_next",
     # Bidirectional encoders.
     "bert", "distilbert", "electra",
 )
