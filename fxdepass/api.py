@@ -330,9 +330,8 @@ class DecomposedModel:
         self._check_memory(module, captured, ids, blocked, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if (blocked or restrict) and isinstance(captured.sequence_length, torch.SymInt):
-                batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
                 blocks = min(self.causal_blocks, ids.shape[1] // BLOCK_POSITIONS) if blocked else 1
-                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, batch, blocks,
+                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)
                 outputs = runner.run(*arguments)
             elif self.torch_compile:
@@ -434,8 +433,8 @@ class DecomposedModel:
         """Whether no component op of ``module`` reduces or gathers over positions (MoE routing does),
         so that its components can be computed for a subset of positions (cached on the module)."""
         if "position_wise" not in module.meta:
-            batch = captured.batch_size.node.expr if isinstance(captured.batch_size, torch.SymInt) else None
-            module.meta["position_wise"] = supports_blocks(module, captured.sequence_length.node.expr, batch)
+            module.meta["position_wise"] = supports_blocks(module, captured.sequence_length.node.expr,
+                                                           captured.batch_symbol)
         return module.meta["position_wise"]
 
     def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:

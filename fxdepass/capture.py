@@ -38,6 +38,11 @@ class CapturedModel:
     sequence_length: Any
     dynamic: bool
 
+    @property
+    def batch_symbol(self) -> Any:
+        """The symbol of a dynamic batch size (``None`` when the batch is static)."""
+        return self.batch_size.node.expr if isinstance(self.batch_size, torch.SymInt) else None
+
     def axis_of(self, node: torch.fx.Node, size: Any) -> int | None:
         """The first axis of ``node``'s value whose size is ``size`` (a symbol or an int)."""
         value = node.meta.get("val")

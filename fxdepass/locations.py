@@ -139,6 +139,10 @@ class Locations:
         return [n for n in self._inside(self.blocks[self.layer(layer)])
                 if n.target in _LINEAR_MAPS and any(a.name in weights for a in n.all_input_nodes)]
 
+    def _to_hidden(self, layer: int) -> list[torch.fx.Node]:
+        """Block ``layer``'s linear maps back to the hidden size (none when the config does not give it)."""
+        return [n for n in self._linear_maps(layer) if n.meta["val"].shape[-1] == self.hidden_size]
+
     def output_projection(self, layer: int) -> torch.fx.Node:
         """The attention output projection of block ``layer`` (a ``linear``/``addmm`` node)."""
         inside = self._inside(self.blocks[self.layer(layer)])
@@ -154,9 +158,7 @@ class Locations:
         """The dense MLP down projection of block ``layer``: its last linear map back to the hidden size
         other than the attention output projection (the last linear map at all when the config does not
         give the hidden size).  In a MoE block that is the shared expert's; routed experts are :meth:`experts`."""
-        maps = self._linear_maps(layer)
-        if self.hidden_size is not None:
-            maps = [n for n in maps if n.meta["val"].shape[-1] == self.hidden_size] or maps
+        maps = self._to_hidden(layer) or self._linear_maps(layer)
         try:
             maps = [n for n in maps if n is not self.output_projection(layer)]
         except InvalidSeedError:  # a block without attention
@@ -179,8 +181,7 @@ class Locations:
         if experts is None:
             return None
         moe = module_path(experts).rpartition(".")[0] + "."
-        inside = [n for n in self._linear_maps(layer) if module_path(n).startswith(moe)
-                  and n.meta["val"].shape[-1] == self.hidden_size]
+        inside = [n for n in self._to_hidden(layer) if module_path(n).startswith(moe)]
         return inside[-1] if inside else None
 
     def mlp_output(self, layer: int) -> torch.fx.Node:
