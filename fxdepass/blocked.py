@@ -27,9 +27,12 @@ between the projection into the hidden layer and the projection out of it acts o
 separately (elementwise ops, views keeping the neuron axis last, the per-element allocation), so
 the region runs exactly in slices of neurons: the projection in on a slice of its weight rows, the
 real values the region reads on the same slice, the projection out on the matching weight columns,
-the slices' outputs summed (bias in the first slice only).  :func:`neuron_regions` finds such
-regions in the generated graph; :class:`BlockedInterpreter` runs them slice by slice, so the
-hidden layer never exists in full.
+the slices' outputs summed (bias in the first slice only) into the first slice's output with one
+matrix product each (``addmm_``, no temporary).  :func:`neuron_regions` finds such regions in the
+generated graph; :class:`BlockedInterpreter` runs them slice by slice, so the hidden layer never
+exists in full.  Inside a region every value is the region's own, so a member whose components
+input no one else reads (the allocation, the scaling by the real up projection) overwrites it,
+and each slice value is dropped after its last reader: a slice holds about one hidden value.
 """
 from __future__ import annotations
 
@@ -41,10 +44,10 @@ import torch
 import torch.fx
 
 from fxdepass.rules.activations import allocate, sink_mask
-from fxdepass.rules.attention import attention_probabilities, scaled_dot_product_attention
+from fxdepass.rules.attention import apply_probabilities, attention_probabilities, scaled_dot_product_attention
 
 from . import registry
-from .narrowing import PROJECTIONS, VIEWS, component_op
+from .narrowing import PROJECTIONS, VIEWS, component_op, project_into
 from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
@@ -53,8 +56,11 @@ aten = torch.ops.aten
 #: ops that act on each element (or keep the last axis as it is) along the neuron axis
 _ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
                 aten.clone.default, aten._to_copy.default, aten.alias.default}
-#: target size (values) of one neuron slice's hidden components (Note [Neuron chunks])
-NEURON_CHUNK_ELEMENTS = 1 << 22
+#: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
+#: memory, narrower ones re-read the input and re-write the output once more per slice
+SLICE_WIDTH = 0.5
+#: ops that scale components by a real value, elementwise
+_SCALINGS = {aten.mul.Tensor, aten.div.Tensor}
 
 
 
@@ -71,6 +77,10 @@ class NeuronRegion:
     sliced: dict[torch.fx.Node, int]
     #: the projection out's bias (kept in the first slice only), if any
     bias: torch.fx.Node | None
+    #: member → the members whose last reader it is (their slices are freed once it has run)
+    frees: dict[torch.fx.Node, list[torch.fx.Node]] = dataclasses.field(default_factory=dict)
+    #: members that may overwrite their components input (a member no one else reads)
+    in_place: set[torch.fx.Node] = dataclasses.field(default_factory=set)
 
 
 def _last_dim(node: Any) -> Any:
@@ -134,7 +144,22 @@ def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
         return None  # a hidden value is read outside the region
     order = {n: i for i, n in enumerate(down.graph.nodes)}
     bias = down.args[bias_arg] if bias_arg is not None and len(down.args) > bias_arg else None
-    return NeuronRegion(sorted(members, key=order.get), width, sliced, bias if isinstance(bias, torch.fx.Node) else None)
+    frees: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for member in members[1:]:
+        frees.setdefault(max(member.users, key=order.get), []).append(member)
+    in_place = {m for m in members if _overwritten(m) in members and len(_overwritten(m).users) == 1}
+    return NeuronRegion(sorted(members, key=order.get), width, sliced, bias if isinstance(bias, torch.fx.Node) else None,
+                        frees, in_place)
+
+
+def _overwritten(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The components input ``node`` could write its result over: that of a softmax allocation or of
+    a scaling of components by a real value."""
+    if node.target is allocate and node.kwargs.get("mode", "softmax") == "softmax":
+        return node.args[0]
+    if component_op(node) in _SCALINGS and tuple(node.kwargs["in_dims"]) == (0, None):
+        return node.args[1]
+    return None
 
 
 @dataclasses.dataclass
@@ -201,6 +226,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = self._tail(module) if last_position_only else set()
         self.regions = {m: r for r in neuron_regions(module).values() for m in r.members}
+        self.in_place = {m for r in neuron_regions(module).values() for m in r.in_place}
         order = {n: i for i, n in enumerate(module.graph.nodes)}
         for region in neuron_regions(module).values():  # what members read lives until the region runs
             down = region.members[-1]
@@ -324,10 +350,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _run_region(self, region: NeuronRegion) -> Any:
         """The region's projection out, summed over neuron slices (Note [Neuron chunks])."""
         down = region.members[-1]
-        # a slice's hidden components hold about NEURON_CHUNK_ELEMENTS values, and never more than
-        # an eighth of the residual stream's
-        rows = (self.length + 1) * self.length
-        chunk = max(1, _last_dim(down) // 8, NEURON_CHUNK_ELEMENTS // rows)
+        chunk = max(1, int(_last_dim(down) * SLICE_WIDTH))
         chunk = -(-region.width // -(-region.width // chunk))  # equal slices, none left over
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
         total = None
@@ -347,6 +370,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
                         self._add_blocks(total, member, args, kwargs)
                     else:
                         self.env[member] = self.call_function(member.target, args, kwargs)
+                    for done in region.frees.get(member, ()):
+                        self.env[done] = None
                 if total is None:
                     total = self.env[down]
                 for member in region.members:
@@ -359,8 +384,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
         """Add ``node``'s blocks to ``total`` one at a time (no second full-size value)."""
         for k, start in enumerate(self._starts_for(node)):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
-            with registry.rest_in_block(k == 0):
-                total.parts[k].add_(node.target(*block_args, **block_kwargs))
+            if not project_into(total.parts[k], block_args):
+                with registry.rest_in_block(k == 0):
+                    total.parts[k].add_(node.target(*block_args, **block_kwargs))
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         node = self.node
@@ -373,7 +399,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if target is split_groups:
             return self._split(real, target(*args, **kwargs), 0, starts)
         if target is allocate and kwargs.get("mode", "softmax") == "softmax":
-            return self._softmax_allocation(node, args, kwargs)
+            return self._softmax_allocation(node, args, kwargs, in_place=node in self.in_place)
+        if node in self.in_place and self._scale_in_place(node, args, kwargs):
+            return args[1]
         if target is allocate:
             dense, base = self._assemble(args[0], node.args[0].meta["fxdepass_real"])
             activation = self._narrow(node.args[1], args[1], base)
@@ -401,9 +429,24 @@ class BlockedInterpreter(torch.fx.Interpreter):
             parts.append(part)
         return Blocks(parts, list(starts))
 
-    def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Blocks:
+    def _scale_in_place(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> bool:
+        """Scale the components (``args[1]``, read by no one else) by the real ``args[2]`` in place,
+        block by block; ``False`` (nothing done) where the result would not fit their shape."""
+        components, starts = args[1], self._starts_for(node)
+        if not isinstance(components, Blocks) or starts != components.starts:
+            return False
+        blocks = [self._block_args(node, args, kwargs, k, start)[0] for k, start in enumerate(starts)]
+        if any(torch.broadcast_shapes(b[1].shape, (1, *b[2].shape)) != b[1].shape for b in blocks):
+            return False
+        scale = torch.Tensor.mul_ if args[0] is aten.mul.Tensor else torch.Tensor.div_
+        for block in blocks:
+            scale(block[1], block[2])
+        return True
+
+    def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict, in_place: bool = False) -> Blocks:
         """The softmax allocation (rules/activations.py Note [Activation allocation]) block by block:
-        the normaliser is accumulated across blocks, so the components are never assembled."""
+        the normaliser is accumulated across blocks, so the components are never assembled;
+        ``in_place`` writes the shares over the components."""
         value, activation = args[0], args[1]
         real = node.args[0].meta["fxdepass_real"]
         sink, scale = kwargs.get("sink"), 1.0 / kwargs.get("temperature", 0.1)
@@ -425,18 +468,19 @@ class BlockedInterpreter(torch.fx.Interpreter):
             absent.append(mask)
         absent[0][-1].logical_and_(stat(0, anything))  # where no component is present, rest takes everything
         top = torch.full(activation.shape, float("-inf"), dtype=value.parts[0].dtype, device=activation.device)
-        for k, part in enumerate(value.parts):
-            torch.maximum(stat(k, top), part.masked_fill(absent[k], float("-inf")).amax(0), out=stat(k, top))
+        logits = []
+        for k, part in enumerate(value.parts):  # absent components get −inf: exp makes their shares 0
+            logit = (part.mul_(scale) if in_place else part * scale).masked_fill_(absent[k], float("-inf"))
+            absent[k] = None
+            torch.maximum(stat(k, top), logit.amax(0), out=stat(k, top))
+            logits.append(logit)
         total = torch.zeros_like(top)
-        shares = []
-        for k, part in enumerate(value.parts):
-            share = (part - stat(k, top)).mul_(scale).exp_().masked_fill_(absent[k], 0.0)
-            stat(k, total).add_(share.sum(0))
-            shares.append(share)
+        for k, logit in enumerate(logits):
+            stat(k, total).add_(logit.sub_(stat(k, top)).exp_().sum(0))
         ratio = activation / total
         starts = self._starts_for(node)
         parts = []
-        for k, share in enumerate(shares):
+        for k, share in enumerate(logits):
             part = share.mul_(stat(k, ratio))
             shift = starts[k] - value.starts[k]
             parts.append(self._narrow_tensor(real, part, shift, offset=1) if shift else part)
@@ -451,10 +495,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
             key = key.repeat_interleave(groups, dim=-3)
         probabilities = attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
         values = self.env[node.kwargs["components"]]
-        parts = []
-        for k, start in enumerate(values.starts):
-            part = values.parts[k].repeat_interleave(groups, dim=-3) if groups > 1 else values.parts[k]
-            parts.append(probabilities[..., start:, start:] @ part)
+        parts = [apply_probabilities(probabilities[..., start:, start:], part) for part, start in zip(values.parts, values.starts)]
         return Blocks(parts, list(values.starts))
 
     def output(self, target: Any, args: tuple, kwargs: dict) -> Any:

@@ -19,7 +19,7 @@ import torch.fx
 
 from fxdepass.rules.linear import getitem, linear_map
 
-__all__ = ["PROJECTIONS", "VIEWS", "component_op", "narrow_fused_projections"]
+__all__ = ["PROJECTIONS", "VIEWS", "component_op", "narrow_fused_projections", "project_into"]
 
 aten = torch.ops.aten
 #: linear maps with a constant weight: op → (features argument, weight argument, weight's output
@@ -33,6 +33,24 @@ def component_op(node: Any) -> Any:
     """The ATen op a generated ``linear_map`` component node applies, else ``None``."""
     is_map = isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is linear_map
     return node.args[0] if is_map else None
+
+
+def project_into(total: torch.Tensor, args: tuple) -> bool:
+    """Add the projection ``linear_map(*args)`` of components, without its bias, into ``total`` in
+    place as one matrix product; ``False`` (nothing done) where the layouts do not allow it.
+
+    >>> project_into(total, (aten.mm.default, components, weight))        # doctest: +SKIP
+    True
+    """
+    op = args[0]
+    if op not in PROJECTIONS:
+        return False
+    features, weight, axis, _ = PROJECTIONS[op]
+    x, w = args[features], args[weight]
+    if not total.is_contiguous() or x.dtype != total.dtype or w.dtype != total.dtype:
+        return False
+    total.view(-1, total.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w if axis == 1 else w.t())
+    return True
 
 
 def narrow_fused_projections(module: torch.fx.GraphModule) -> int:

@@ -237,13 +237,21 @@ def rest_in_block(present: bool) -> Iterator[None]:
 def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
     """Return ``components`` with ``constant`` added to the rest component (the last one).
 
+    Updates ``components`` in place where the constant's shape fits it: callers pass tensors they
+    just computed, and a copy of every component would cost a full pass.
+
     >>> add_to_rest(torch.zeros(3, 2), torch.ones(2))[-1]
     tensor([1., 1.])
     """
-    if not _REST["here"]:
-        return components + torch.zeros_like(torch.as_tensor(constant, dtype=components.dtype))
-    rest = (components[-1] + constant).unsqueeze(0)
-    return torch.cat((components[:-1].expand(-1, *rest.shape[1:]), rest))
+    constant = torch.as_tensor(constant, device=components.device)
+    dtype = torch.result_type(components, constant)
+    shape = torch.broadcast_shapes(components.shape[1:], constant.shape)
+    if shape != components.shape[1:] or dtype != components.dtype:  # the constant widens the value
+        each = components.reshape(components.shape[0], *[1] * (len(shape) - components.ndim + 1), *components.shape[1:])
+        components = each + components.new_zeros(shape, dtype=dtype)
+    if _REST["here"]:
+        components[-1].add_(constant)
+    return components
 
 
 def rest_only(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,23 @@ def attention_probabilities(
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+def apply_probabilities(probabilities: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """``P · v_m`` for every component: ``[…, H, Sq, Sk]`` and ``[M, …, Hkv, Sk, D]`` → ``[M, …, H, Sq, D]``.
+
+    One product batched over heads with the components folded into its columns, so ``P`` is never
+    copied per component; with grouped-query attention each of the ``Hkv`` value heads serves
+    ``H / Hkv`` query heads without being repeated.
+
+    >>> apply_probabilities(torch.rand(2, 5, 5), torch.randn(3, 1, 5, 4)).shape
+    torch.Size([3, 2, 5, 4])
+    """
+    *batch, heads, queries, keys = probabilities.shape
+    kv_heads = components.shape[-3]
+    grouped = probabilities.reshape(*batch, kv_heads, heads // kv_heads, queries, keys)
+    out = torch.einsum("...grqk,m...gkd->m...grqd", grouped, components)
+    return out.reshape(components.shape[0], *out.shape[1:-4], heads, queries, components.shape[-1])
+
+
 @register_rule(aten.scaled_dot_product_attention.default, decomposes="value")
 def scaled_dot_product_attention(
     query: torch.Tensor,
@@ -54,5 +71,4 @@ def scaled_dot_product_attention(
     groups = query.shape[-3] // key.shape[-3]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=-3)
-        components = components.repeat_interleave(groups, dim=-3)
-    return attention_probabilities(query, key, attn_mask, is_causal, scale) @ components
+    return apply_probabilities(attention_probabilities(query, key, attn_mask, is_causal, scale), components)

@@ -80,6 +80,49 @@ _COMPONENT_OP = {aten.view.default: aten.reshape.default, aten._unsafe_view.defa
                  aten.slice_scatter.default: _slice_scatter}
 
 
+def _shift(dim: int) -> int:
+    """A dimension of one component's value as a dimension of the components tensor."""
+    return dim + 1 if dim >= 0 else dim
+
+
+def _reshape(x: torch.Tensor, shape: Any) -> torch.Tensor:
+    return x.reshape(x.shape[0], *shape)
+
+
+# Note [Direct component kernels]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# torch.vmap costs tens of microseconds a call, as much as the op itself on a small block of
+# components.  The most frequent ops, with the components first and every other argument constant,
+# run directly on the components tensor: its component axis is first, so dimensions shift by one;
+# elementwise ops broadcast a constant of lower rank the way vmap would.
+_DIRECT = {
+    aten.view.default: _reshape, aten._unsafe_view.default: _reshape, aten.reshape.default: _reshape,
+    aten.transpose.int: lambda x, a, b: x.transpose(_shift(a), _shift(b)),
+    aten.permute.default: lambda x, dims: x.permute(0, *map(_shift, dims)),
+    aten.unsqueeze.default: lambda x, dim: x.unsqueeze(_shift(dim)),
+    aten.mm.default: torch.matmul,
+    aten.linear.default: torch.nn.functional.linear,
+}
+
+
+def _direct(op: Any, args: tuple, in_dims: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``op`` applied directly to the components (Note [Direct component kernels]), or ``None``."""
+    varies = [d == 0 or (isinstance(d, (list, tuple)) and 0 in d) for d in in_dims]
+    if not varies or in_dims[0] != 0 or any(varies[1:]):
+        return None
+    if op in _DIRECT and not kwargs:
+        return _DIRECT[op](*args)
+    lower = all(not isinstance(a, torch.Tensor) or a.ndim < args[0].ndim for a in args[1:])
+    if lookup(op).elementwise and lower:
+        return op(*args, **kwargs)
+    return None
+
+
+# A projection's constant bias is one add to the rest component: the components go through the
+# product without it, instead of a product with a zero bias (a pass over every component for nothing).
+_WITHOUT_BIAS = {aten.addmm.default: (0, aten.mm.default), aten.linear.default: (2, aten.linear.default)}
+
+
 def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list | None]:
     """Split ``args`` into (constant terms zeroed, components zeroed), see Note [Constant terms of affine ops].
 
@@ -126,7 +169,14 @@ def linear_map(op: Any, *args: Any, in_dims: tuple, **kwargs: Any) -> Any:
     torch.Size([3, 2, 5])
     """
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    bias, without = _WITHOUT_BIAS.get(op, (None, None))
+    if bias is not None and not kwargs and len(args) > bias and isinstance(args[bias], torch.Tensor) and in_dims[bias] is None:
+        args, in_dims, constant = args[:bias] + args[bias + 1:], in_dims[:bias] + in_dims[bias + 1:], args[bias]
+        return add_to_rest(linear_map(without, *args, in_dims=in_dims), constant)
     varying, constant = _split_constant_terms(args, in_dims, lookup(op).additive_args)
+    direct = None if constant is not None else _direct(op, args, in_dims, kwargs)
+    if direct is not None:
+        return direct
     out = torch.vmap(functools.partial(_COMPONENT_OP.get(op, op), **kwargs), in_dims=in_dims)(*varying)
     if constant is not None:
         out = add_to_rest(out, op(*constant, **kwargs))

@@ -300,3 +300,53 @@ def test_temperature_and_modes_behave() -> None:
     assert hot[0] < cold[0] and cold[0] > 1.99
     torch.testing.assert_close(allocate(components, y, mode="max"), torch.tensor([[2.0], [0.0], [0.0]]))
     torch.testing.assert_close(allocate(components, y, mode="linear")[:2].sum(0), y)
+
+
+DIRECT = [
+    (aten.view.default, (r(3, 4, 6), [4, 2, 3])),
+    (aten.view.default, (r(3, 4, 6), [-1])),
+    (aten.transpose.int, (r(3, 4, 6), 0, 1)),
+    (aten.transpose.int, (r(3, 4, 6), -1, -2)),
+    (aten.permute.default, (r(3, 4, 6), [1, 0])),
+    (aten.unsqueeze.default, (r(3, 4, 6), 0)),
+    (aten.unsqueeze.default, (r(3, 4, 6), -1)),
+    (aten.mm.default, (r(3, 4, 6), r(6, 5))),
+    (aten.linear.default, (r(3, 4, 6), r(5, 6))),
+    (aten.mul.Tensor, (r(3, 4, 6), r(6))),
+    (aten.mul.Tensor, (r(3, 4, 6), r(4, 6))),
+    (aten.mul.Tensor, (r(3, 4, 6), r(1, 4, 6))),  # the constant outranks one component: vmap's broadcasting
+    (aten.div.Tensor, (r(3, 4, 6), r(4, 1).abs() + 1)),
+    (aten.neg.default, (r(3, 4, 6),)),
+]
+
+
+@pytest.mark.parametrize("op,args", DIRECT, ids=[f"{RULES[op].name}-{i}" for i, (op, _) in enumerate(DIRECT)])
+def test_direct_kernels_equal_vmap(op: Any, args: tuple) -> None:
+    """Note [Direct component kernels]: each component's result is the op on that component."""
+    in_dims = (0,) + (None,) * (len(args) - 1)
+    expected = torch.vmap(op, in_dims=in_dims)(*args)
+    got = linear_map(op, *args, in_dims=in_dims)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_add_to_rest_updates_in_place_only_where_the_constant_fits() -> None:
+    from fxdepass.registry import add_to_rest
+
+    components = r(3, 4)
+    fresh = add_to_rest(components, r(4))
+    assert fresh.data_ptr() == components.data_ptr()  # no copy of every component
+    wider, constant = r(3, 1), r(2, 5)
+    out = add_to_rest(wider, constant)
+    torch.testing.assert_close(out.sum(0), wider.sum(0) + constant)
+    single = torch.ones(3, 4, dtype=torch.float32)
+    promoted = add_to_rest(single, torch.full((4,), 1e-12, dtype=torch.float64))
+    assert promoted.dtype == torch.float64 and single.dtype == torch.float32
+
+
+def test_attention_probabilities_apply_to_grouped_value_heads() -> None:
+    from fxdepass.rules.attention import apply_probabilities
+
+    probabilities, values = torch.rand(2, 6, 5, 5), r(3, 2, 2, 5, 4)  # 6 query heads share 2 value heads
+    expected = probabilities @ values.repeat_interleave(3, dim=-3)
+    torch.testing.assert_close(apply_probabilities(probabilities, values), expected, rtol=1e-12, atol=1e-12)
