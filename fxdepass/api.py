@@ -326,10 +326,13 @@ class DecomposedModel:
             raise InvalidReadoutError("last_position=True reads only 'logits' and 'hidden'")
         arguments = [inputs[name] for name in captured.inputs]
         blocked = self._blocked(captured, module, seed, ids)
+        # MLP hidden layers run in neuron slices (Note [Neuron chunks]) by the interpreter, in one block if not causal
+        sliced = (isinstance(captured.sequence_length, torch.SymInt) and ids.shape[0] == 1 and not self.torch_compile
+                  and bool(neuron_regions(module)))
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
-        self._check_memory(module, captured, ids, blocked, memory_limit, len(labels) if labels else ids.shape[1] + 1)
+        self._check_memory(module, captured, ids, blocked, sliced, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
-            if (blocked or restrict) and isinstance(captured.sequence_length, torch.SymInt):
+            if (blocked or restrict or sliced) and isinstance(captured.sequence_length, torch.SymInt):
                 blocks = min(self.causal_blocks, ids.shape[1] // BLOCK_POSITIONS) if blocked else 1
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)
@@ -387,11 +390,11 @@ class DecomposedModel:
         warnings.warn("fxdepass: " + message, stacklevel=3)
 
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
-                        components: int, blocked: bool = False) -> int:
+                        components: int, sliced: bool = False) -> int:
         """Estimated peak bytes of one decomposed pass: the largest components tensor, held about three
-        times (an input, the output, a temporary).  With causal blocks, MLP hidden layers run in neuron
-        slices (Note [Neuron chunks]) and do not count."""
-        sliced = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if blocked else set()
+        times (an input, the output, a temporary).  ``sliced``: MLP hidden layers run in neuron slices
+        (Note [Neuron chunks]) and do not count."""
+        sliced = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
         largest = 0
@@ -406,9 +409,9 @@ class DecomposedModel:
         return 3 * components * largest * torch.finfo(self.dtype).bits // 8
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
-                      limit: int | None, components: int) -> None:
+                      sliced: bool, limit: int | None, components: int) -> None:
         limit = _available_memory() * 8 // 10 if limit is None else int(limit)
-        need = self.estimate_memory(module, captured, ids, components, blocked) * (0.6 if blocked else 1.0)
+        need = self.estimate_memory(module, captured, ids, components, sliced) * (0.6 if blocked else 1.0)
         if need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
             raise OutOfMemoryEstimateError(

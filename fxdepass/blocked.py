@@ -47,7 +47,7 @@ from fxdepass.rules.activations import allocate, sink_mask
 from fxdepass.rules.attention import apply_probabilities, attention_probabilities, scaled_dot_product_attention
 
 from . import registry
-from .narrowing import PROJECTIONS, VIEWS, component_op, project_into
+from .narrowing import VIEWS, Projection, component_op, project_into, projection
 from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
@@ -79,7 +79,7 @@ class NeuronRegion:
     bias: torch.fx.Node | None
     #: member → the members whose last reader it is (their slices are freed once it has run)
     frees: dict[torch.fx.Node, list[torch.fx.Node]] = dataclasses.field(default_factory=dict)
-    #: members that may overwrite their components input (a member no one else reads)
+    #: nodes that may overwrite their components input (a member, or the output, no one else reads)
     in_place: set[torch.fx.Node] = dataclasses.field(default_factory=set)
 
 
@@ -100,40 +100,39 @@ def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRe
 def _find_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
     regions = {}
     for node in module.graph.nodes:
-        op = component_op(node)
-        if op in PROJECTIONS and node.kwargs.get("in_dims", ())[PROJECTIONS[op][0] - 1:][:1] == (0,):
-            region = _region(node, op)
-            if region is not None:
-                regions[node] = region
+        found = projection(node)
+        region = _region(found) if found is not None else None
+        if region is not None:
+            regions[node] = region
     return regions
 
 
-def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
-    features, weight_arg, _, bias_arg = PROJECTIONS[op]
-    width = _last_dim(down.args[features])
-    if not isinstance(width, int) or width == _last_dim(down):
+def _region(down: Projection) -> NeuronRegion | None:
+    width = _last_dim(down.features)
+    if not isinstance(width, int) or width == _last_dim(down.node):
         return None
-    weight = down.args[weight_arg]
-    # the projection out's weight: neurons on the axis that is not the output's
-    sliced = {weight: 0 if op is not aten.linear.default else 1}
-    members, todo = [down], [down.args[features]]
+    sliced = {down.weight: down.in_axis}  # the projection out's weight: neurons on its input axis
+    for arg in down.node.all_input_nodes:  # an expert kernel's real input (the hidden layer)
+        if arg not in (down.features, down.weight) and "fxdepass_real" not in arg.meta and _last_dim(arg) == width:
+            sliced[arg] = arg.meta["val"].ndim - 1
+    members, todo = [down.node], [down.features]
     while todo:
         node = todo.pop()
         if node in members:
             continue
-        inner = component_op(node)
-        if inner is None and node.target is not allocate or _last_dim(node) != width:
+        if _last_dim(node) != width:
             return None
         members.append(node)
-        if inner in PROJECTIONS:  # the projection in: slice its weight rows (or columns) and bias
-            f, w, axis, b = PROJECTIONS[inner]
-            if _last_dim(node.args[f]) == width or node.kwargs["in_dims"][f - 1] != 0:
+        inner = projection(node)
+        if inner is not None:  # the projection in: slice its weight's outputs and its bias
+            if _last_dim(inner.features) == width:
                 return None
-            sliced[node.args[w]] = axis
-            if b is not None and len(node.args) > b and isinstance(node.args[b], torch.fx.Node):
-                sliced[node.args[b]] = 0
+            sliced[inner.weight] = inner.out_axis
+            if inner.bias is not None:
+                sliced[inner.bias] = 0
             continue
-        if inner is not None and inner not in _ELEMENTWISE and inner not in VIEWS:
+        op = component_op(node)
+        if node.target is not allocate and op not in _ELEMENTWISE and op not in VIEWS:
             return None
         for arg in node.all_input_nodes:
             if "fxdepass_real" in arg.meta:
@@ -142,14 +141,14 @@ def _region(down: torch.fx.Node, op: Any) -> NeuronRegion | None:
                 sliced[arg] = arg.meta["val"].ndim - 1
     if any(user not in members for m in members[1:] for user in m.users):
         return None  # a hidden value is read outside the region
-    order = {n: i for i, n in enumerate(down.graph.nodes)}
-    bias = down.args[bias_arg] if bias_arg is not None and len(down.args) > bias_arg else None
+    order = {n: i for i, n in enumerate(down.node.graph.nodes)}
     frees: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for member in members[1:]:
         frees.setdefault(max(member.users, key=order.get), []).append(member)
     in_place = {m for m in members if _overwritten(m) in members and len(_overwritten(m).users) == 1}
-    return NeuronRegion(sorted(members, key=order.get), width, sliced, bias if isinstance(bias, torch.fx.Node) else None,
-                        frees, in_place)
+    if len(down.node.users) == 1 and _overwritten(next(iter(down.node.users))) is down.node:
+        in_place.add(next(iter(down.node.users)))  # the region's output is its own too (experts' routing weights)
+    return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
 
 
 def _overwritten(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -458,7 +457,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         anything = torch.zeros(activation.shape, dtype=torch.bool, device=activation.device)
         for k, part in enumerate(value.parts):
             mask = part == 0
-            if sink is not None:  # block k's components and positions are counted from its starts
+            if sink is not None and kwargs.get("position_axis") is not None:  # counted from block k's starts
                 shift = torch.tensor([[self.starts[k]], [value.starts[k]]], device=sink.device)
                 excluded = sink_mask(part, sink - shift, kwargs.get("batch_axis"), kwargs["position_axis"])
                 if k == 0:

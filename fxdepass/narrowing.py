@@ -8,18 +8,22 @@ their components — but the fused projection still multiplies every component b
 :func:`narrow_fused_projections` rewrites ``projection → views keeping the last axis → split →
 one piece`` in the generated graph into a projection by that piece's columns of the weight (and
 bias), so the components never hold the unused columns.  Each column of a linear map depends only
-on its own weight column, so the result is the same numbers.
+on its own weight column, so the result is the same numbers.  Mixture-of-experts kernels that
+compute the gate and up projections together (Mixtral's ``gate_up_proj``) narrow the same way: only
+the gate half carries components, the up half is used for real.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.fx
 
 from fxdepass.rules.linear import getitem, linear_map
+from fxdepass.rules.routing import grouped_mm_fallback
 
-__all__ = ["PROJECTIONS", "VIEWS", "component_op", "narrow_fused_projections", "project_into"]
+__all__ = ["PROJECTIONS", "VIEWS", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into"]
 
 aten = torch.ops.aten
 #: linear maps with a constant weight: op → (features argument, weight argument, weight's output
@@ -35,6 +39,48 @@ def component_op(node: Any) -> Any:
     return node.args[0] if is_map else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A component node that multiplies components by a constant weight (a linear map or an expert kernel)."""
+
+    node: torch.fx.Node
+    #: the components projected
+    features: torch.fx.Node
+    #: the weight's position among ``node.args`` and its output and input axes
+    weight_index: int
+    out_axis: int
+    in_axis: int
+    #: the position of a constant bias among ``node.args``, if there is one
+    bias_index: int | None
+
+    @property
+    def weight(self) -> torch.fx.Node:
+        return self.node.args[self.weight_index]
+
+    @property
+    def bias(self) -> torch.fx.Node | None:
+        return None if self.bias_index is None else self.node.args[self.bias_index]
+
+
+def projection(node: Any) -> Projection | None:
+    """``node`` as a :class:`Projection` of its components, if it is one.
+
+    >>> projection(module_node).weight                                       # doctest: +SKIP
+    layers_0_mlp_down_proj_weight
+    """
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is grouped_mm_fallback:
+        return Projection(node, node.kwargs["components"], 1, 2, 1, None)  # weight [experts, in, out]
+    op = component_op(node)
+    if op not in PROJECTIONS:
+        return None
+    features, weight, axis, bias = PROJECTIONS[op]
+    in_dims = tuple(node.kwargs["in_dims"]) + (None,) * len(node.args)
+    has_bias = bias is not None and len(node.args) > bias and isinstance(node.args[bias], torch.fx.Node)
+    if in_dims[features - 1] != 0 or in_dims[weight - 1] is not None or (has_bias and in_dims[bias - 1] is not None):
+        return None
+    return Projection(node, node.args[features], weight, axis, 1 - axis, bias if has_bias else None)
+
+
 def project_into(total: torch.Tensor, args: tuple) -> bool:
     """Add the projection ``linear_map(*args)`` of components, without its bias, into ``total`` in
     place as one matrix product; ``False`` (nothing done) where the layouts do not allow it.
@@ -43,7 +89,7 @@ def project_into(total: torch.Tensor, args: tuple) -> bool:
     True
     """
     op = args[0]
-    if op not in PROJECTIONS:
+    if not isinstance(op, torch._ops.OpOverload) or op not in PROJECTIONS:
         return False
     features, weight, axis, _ = PROJECTIONS[op]
     x, w = args[features], args[weight]
@@ -102,25 +148,20 @@ def _narrow(split: torch.fx.Node) -> int:
         return 0
     width = value.shape[-1]
     piece = _piece(split, width)
-    views, projection = [], source
-    while component_op(projection) in VIEWS and len(projection.users) == 1 and projection.args[2][-1] == width:
-        views.append(projection)
-        projection = projection.args[1]
-    op = component_op(projection)
-    if piece is None or op not in PROJECTIONS or len(projection.users) != 1 or _width(projection) != width:
+    views, source_node = [], source
+    while component_op(source_node) in VIEWS and len(source_node.users) == 1 and source_node.args[2][-1] == width:
+        views.append(source_node)
+        source_node = source_node.args[1]
+    found = projection(source_node)
+    if piece is None or found is None or len(source_node.users) != 1 or _width(source_node) != width:
         return 0  # the views must keep the projection's columns as the last axis, unchanged
-    features, weight, axis, bias = PROJECTIONS[op]
-    in_dims = projection.kwargs["in_dims"]
-    has_bias = bias is not None and len(projection.args) > bias and projection.args[bias] is not None
-    if in_dims[features - 1] != 0 or in_dims[weight - 1] is not None or (has_bias and in_dims[bias - 1] is not None):
-        return 0
     graph, (start, length) = split.graph, piece
-    args = list(projection.args)
-    with graph.inserting_before(projection):  # names: the original's, with the columns kept
-        for position, along in ((weight, axis), (bias if has_bias else None, 0)):
+    args = list(source_node.args)
+    with graph.inserting_before(source_node):  # names: the original's, with the columns kept
+        for position, along in ((found.weight_index, found.out_axis), (found.bias_index, 0)):
             if position is not None:
                 args[position] = _call(graph, torch.narrow, (args[position], along, start, length), {}, args[position])
-        narrowed = _call(graph, linear_map, tuple(args), dict(projection.kwargs), projection)
+        narrowed = _call(graph, source_node.target, tuple(args), dict(source_node.kwargs), source_node)
     for view in reversed(views):
         with graph.inserting_before(view):
             shape = [*view.args[2][:-1], length]
