@@ -109,12 +109,12 @@ def _find_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronReg
 
 def _region(down: Projection) -> NeuronRegion | None:
     width = _last_dim(down.features)
-    if not isinstance(width, int) or width == _last_dim(down.node):
+    if not isinstance(width, int):
         return None
     sliced = {down.weight: down.in_axis}  # the projection out's weight: neurons on its input axis
-    for arg in down.node.all_input_nodes:  # an expert kernel's real input (the hidden layer)
-        if arg not in (down.features, down.weight) and "fxdepass_real" not in arg.meta and _last_dim(arg) == width:
-            sliced[arg] = arg.meta["val"].ndim - 1
+    if down.real_index is not None:  # an expert kernel also reads the real hidden layer
+        real = down.node.args[down.real_index]
+        sliced[real] = real.meta["val"].ndim - 1
     members, todo = [down.node], [down.features]
     while todo:
         node = todo.pop()
@@ -125,8 +125,6 @@ def _region(down: Projection) -> NeuronRegion | None:
         members.append(node)
         inner = projection(node)
         if inner is not None:  # the projection in: slice its weight's outputs and its bias
-            if _last_dim(inner.features) == width:
-                return None
             sliced[inner.weight] = inner.out_axis
             if inner.bias is not None:
                 sliced[inner.bias] = 0

@@ -52,6 +52,8 @@ class Projection:
     in_axis: int
     #: the position of a constant bias among ``node.args``, if there is one
     bias_index: int | None
+    #: the position of the real input among ``node.args`` where the rule reads it (expert kernels)
+    real_index: int | None = None
 
     @property
     def weight(self) -> torch.fx.Node:
@@ -69,7 +71,7 @@ def projection(node: Any) -> Projection | None:
     layers_0_mlp_down_proj_weight
     """
     if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is grouped_mm_fallback:
-        return Projection(node, node.kwargs["components"], 1, 2, 1, None)  # weight [experts, in, out]
+        return Projection(node, node.kwargs["components"], 1, 2, 1, None, 0)  # weight [experts, in, out]
     op = component_op(node)
     if op not in PROJECTIONS:
         return None
