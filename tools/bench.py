@@ -228,19 +228,22 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
         "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
         "batch of M = N copies of the prompt, measured in the same process. *floor* = the matmul multiply-add count "
-        "of the decomposed pass over that of the batched forward (see `flop_floor`). *peak RSS* is the process's "
-        "resident memory the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
-        "*budget* = 2.5·(M+1)·N·d·4 bytes + weights. † the batched forward timed on M/8 copies and scaled by 8 "
-        "(its cost is linear in the batch), to keep the run within 15 minutes.",
+        "of the decomposed pass over that of the batched forward (see `flop_floor`). *peak MB* is the process's "
+        "resident memory (RSS) the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
+        "*live MB* the same in one more run where every allocation of 64 KiB or more gets its own mapping, returned "
+        "when freed, so that it follows the live tensors rather than what glibc keeps for reuse (Note [Live peak] "
+        "in tools/bench.py); *budget* = 2.5·(M+1)·N·d·4 bytes + weights. † the batched forward timed on M/8 copies "
+        "and scaled by 8 (its cost is linear in the batch), to keep the run within 15 minutes.",
         "",
-        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | peak MB | budget MB | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | peak MB | live MB | budget MB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else "—"
         lines.append(
             f"| {r['family']} | {r['size']} | {r['seed']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
-            f"{r['forward_s']:.2f}{'†' if r.get('forward_scaled') else ''} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | {r['budget'] * mb:.0f} | "
+            f"{r['forward_s']:.2f}{'†' if r.get('forward_scaled') else ''} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | "
+            f"{r['live_peak'] * mb:.0f} | {r['budget'] * mb:.0f} | "
             f"{r['error']:.1e} |"
         )
     lines += ["", "Growth of attribution time with N (least-squares slope of log time on log N):", ""]
