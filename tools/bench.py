@@ -139,12 +139,6 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
             attribution = decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
             times.append(time.perf_counter() - start)
     components = attribution.components.shape[0]
-    # Note [Live peak]: glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, so
-    # RSS also counts memory that holds no tensor.  With a fixed small threshold every tensor gets its
-    # own mapping, returned when it is freed: the RSS of one more run then follows the live tensors.
-    _map_every_tensor()
-    with RssSampler() as live:
-        decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
     # The forward's cost is linear in the batch: the largest are timed on an eighth of the copies (to
     # keep `make bench` within its time budget) and scaled by 8; the report marks them.
     copies = n // 8 if n * SIZES[size]["hidden"] >= LARGE else n
@@ -154,6 +148,13 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
         start = time.perf_counter()
         model(batch)
         forward = (time.perf_counter() - start) * n / copies
+    # Note [Live peak]: glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, so
+    # RSS also counts memory that holds no tensor.  With a fixed small threshold every tensor gets its
+    # own mapping, returned when it is freed: the RSS of one more run then follows the live tensors.
+    # Last, as mapping every tensor slows what runs after it.
+    _map_every_tensor()
+    with RssSampler() as live:
+        decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "family": family, "size": size, "n": n, "seed": kind, "components": components,
