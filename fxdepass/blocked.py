@@ -17,7 +17,9 @@ With ``k`` blocks the work is about ``(k + 1) / 2k`` of the dense pass; results 
 floating-point rounding (tests compare against the dense path in float64).
 
 A run needs batch size 1 (a merged batch·position axis is then a position axis), a model the
-caller has checked is causal, and no component op that reduces over positions.
+caller has checked is causal, and no component op that reduces over positions.  With a single
+block (``blocks=1``) nothing is narrowed, so any model with a batch of one runs this way: only the
+neuron slices below apply (mixture-of-experts and encoder models).
 
 Note [Neuron chunks]
 ~~~~~~~~~~~~~~~~~~~~
