@@ -332,7 +332,7 @@ class DecomposedModel:
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
         self._check_memory(module, captured, ids, blocked, sliced, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
-            if (blocked or restrict or sliced) and isinstance(captured.sequence_length, torch.SymInt):
+            if blocked or restrict or sliced:  # each needs a dynamic sequence length
                 blocks = min(self.causal_blocks, ids.shape[1] // BLOCK_POSITIONS) if blocked else 1
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)

@@ -146,7 +146,7 @@ def _region(down: Projection) -> NeuronRegion | None:
     frees: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for member in members[1:]:
         frees.setdefault(max(member.users, key=order.get), []).append(member)
-    in_place = {m for m in members if _overwritten(m) in members and len(_overwritten(m).users) == 1}
+    in_place = {m for m in members if (source := _overwritten(m)) in members and len(source.users) == 1}
     if len(down.node.users) == 1 and _overwritten(next(iter(down.node.users))) is down.node:
         in_place.add(next(iter(down.node.users)))  # the region's output is its own too (experts' routing weights)
     return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
@@ -490,9 +490,6 @@ class BlockedInterpreter(torch.fx.Interpreter):
         query, key, *rest = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
         mask = rest[1] if len(rest) > 1 else kwargs.get("attn_mask")
         causal = rest[3] if len(rest) > 3 else kwargs.get("is_causal", False)
-        groups = query.shape[-3] // key.shape[-3]
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=-3)
         # through the module: the attention rule and this runner share one definition (tests patch it)
         probabilities = attention_rules.attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
         values = self.env[node.kwargs["components"]]

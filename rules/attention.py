@@ -25,8 +25,12 @@ def attention_probabilities(
 ) -> torch.Tensor:
     """The probabilities ``softmax(q·kᵀ·scale + mask)`` of ``scaled_dot_product_attention``, ``[…, Sq, Sk]``.
 
-    Rows with every key masked get zeros, as PyTorch's own attention does.
+    Rows with every key masked get zeros, as PyTorch's own attention does; with grouped-query
+    attention each key head serves its group of query heads.
     """
+    groups = query.shape[-3] // key.shape[-3]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale
     if is_causal:
@@ -68,7 +72,4 @@ def scaled_dot_product_attention(
     components: torch.Tensor,
 ) -> torch.Tensor:
     """Each component of ``value`` through the frozen attention probabilities (GQA: kv heads repeated)."""
-    groups = query.shape[-3] // key.shape[-3]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=-3)
     return apply_probabilities(attention_probabilities(query, key, attn_mask, is_causal, scale), components)
