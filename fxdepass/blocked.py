@@ -35,6 +35,16 @@ generated graph; :class:`BlockedInterpreter` runs them slice by slice, so the hi
 exists in full.  Inside a region every value is the region's own, so a member whose components
 input no one else reads (the allocation, the scaling by the real up projection) overwrites it,
 and each slice value is dropped after its last reader: a slice holds about one hidden value.
+
+Note [Residual accumulation]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A block's output projection (attention's ``o_proj``, the MLP's ``down_proj``) is read only by the
+residual add, and the residual stream it is added to is read by nothing after that add (its norm
+ran before).  :class:`BlockedInterpreter` then sums the projection straight into the residual's
+components (one ``addmm_`` per block or neuron slice, the bias into rest) and the add returns them:
+the projection's output never exists on its own, one residual-sized value less at the MLP's peak.
+The residual must be a value no one else can see: an add's or the seed's own result, whose other
+readers make fresh values (the norm's arithmetic), so no view of it outlives the add.
 """
 from __future__ import annotations
 
@@ -47,7 +57,8 @@ import torch.fx
 
 from fxdepass.rules.activations import allocate, sink_mask
 from fxdepass.rules import attention as attention_rules
-from fxdepass.rules.attention import apply_probabilities, scaled_dot_product_attention
+from fxdepass.rules.attention import apply_to_values_by_head, scaled_dot_product_attention, values_by_head
+from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
 from .narrowing import VIEWS, Projection, component_op, project_into, projection
@@ -64,6 +75,12 @@ _ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tens
 SLICE_WIDTH = 0.5
 #: ops that scale components by a real value, elementwise
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}
+#: component ops whose result is a fresh tensor: readers of a residual that leave it free to update
+_FRESH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+#: norm rules: they read a residual and make fresh values
+_NORMS = {layer_norm, rms_norm}
+#: ops between an output projection and its residual add that keep the rows (dropout's clone, views)
+_PASSING = {*VIEWS, aten.clone.default, aten.alias.default}
 
 
 
@@ -152,6 +169,20 @@ def _region(down: Projection) -> NeuronRegion | None:
     return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
 
 
+def _shape(node: torch.fx.Node) -> list[sympy.Expr] | None:
+    """The shape of a component node's real value, sizes as sympy expressions."""
+    value = node.meta["fxdepass_real"].meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return [size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size) for size in value.shape]
+
+
+def _same_rows(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether two component nodes' real values have the same last axis and the same number of rows."""
+    x, y = _shape(a), _shape(b)
+    return x is not None and y is not None and x[-1] == y[-1] and sympy.expand(sympy.prod(x) - sympy.prod(y)) == 0
+
+
 def _overwritten(node: torch.fx.Node) -> torch.fx.Node | None:
     """The components input ``node`` could write its result over: that of a softmax allocation or of
     a scaling of components by a real value."""
@@ -235,6 +266,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
                 if order[user] < order[down] and any(n in held for n in deleted):
                     self.user_to_last_uses[user] = [n for n in deleted if n not in held]
                     self.user_to_last_uses.setdefault(down, []).extend(n for n in deleted if n in held)
+        self.passes: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
+        self.accumulate = self._accumulations(module)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         ids = args[0]
@@ -253,6 +286,35 @@ class BlockedInterpreter(torch.fx.Interpreter):
         mixing = [i for i, n in enumerate(nodes) if n.target is scaled_dot_product_attention
                   or any(len(self.axes(a)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
         return set(nodes[mixing[-1] + 1:] if mixing else nodes)
+
+    def _accumulations(self, module: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
+        """Projection → the residual it can be summed into (Note [Residual accumulation]); the views
+        and copies between the projection and the add go to ``self.passes`` (they pass the sum on)."""
+        found = {}
+        for node in module.graph.nodes:
+            if projection(node) is None:
+                continue
+            chain, add = [], node
+            while len(add.users) == 1 and (component_op(add) in _PASSING or add is node):
+                chain.append(add)
+                add = next(iter(add.users))
+            if component_op(add) is not aten.add.Tensor or len(add.args) != 3 or tuple(add.kwargs["in_dims"]) != (0, 0):
+                continue
+            residual = add.args[1] if add.args[2] is chain[-1] else add.args[2]
+            owned = component_op(residual) is aten.add.Tensor or residual.target is split_groups
+            others_fresh = all(component_op(u) in _FRESH or u.target in _NORMS for u in residual.users if u is not add)
+            if (residual is not chain[-1] and owned and others_fresh and residual in self.user_to_last_uses.get(add, ())
+                    and _same_rows(node, add) and _shape(residual) == _shape(add)):
+                found[node] = residual
+                self.passes.update({n: (node, 1) for n in chain[1:]})
+                self.passes[add] = (node, add.args.index(chain[-1]))
+        return found
+
+    def _residual_for(self, node: torch.fx.Node) -> Blocks | None:
+        """The residual ``node``'s projection is summed into, if it is laid out as ``node``'s output."""
+        residual = self.env.get(self.accumulate.get(node))
+        fits = isinstance(residual, Blocks) and residual.starts == self._starts_for(node)
+        return residual if fits else None
 
     def axes(self, node: torch.fx.Node) -> tuple[int, ...]:
         """Position axes of ``node``'s real value (cached)."""
@@ -353,7 +415,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
         chunk = max(1, int(_last_dim(down) * SLICE_WIDTH))
         chunk = -(-region.width // -(-region.width // chunk))  # equal slices, none left over
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
-        total = None
+        total = self._residual_for(down)
+        first = total is not None
         try:
             for start in range(0, region.width, chunk):
                 size = min(chunk, region.width - start)
@@ -367,7 +430,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
                     if component_op(member) in VIEWS and args[2][-1] == region.width:
                         args = (*args[:2], [*args[2][:-1], size], *args[3:])
                     if member is down and isinstance(total, Blocks):
-                        self._add_blocks(total, member, args, kwargs)
+                        self._add_blocks(total, member, args, kwargs, with_bias=first)
+                        first = False
                     else:
                         self.env[member] = self.call_function(member.target, args, kwargs)
                     for done in region.frees.get(member, ()):
@@ -380,13 +444,17 @@ class BlockedInterpreter(torch.fx.Interpreter):
             self.env.update(saved)
         return total
 
-    def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict) -> None:
-        """Add ``node``'s blocks to ``total`` one at a time (no second full-size value)."""
+    def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict, with_bias: bool = False) -> None:
+        """Add ``node``'s blocks to ``total`` one at a time (no second full-size value); a projection's
+        bias goes to rest ``with_bias``, else it is left out."""
+        bias = projection(node).bias_index if with_bias else None
         for k, start in enumerate(self._starts_for(node)):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
-            if not project_into(total.parts[k], block_args):
-                with registry.rest_in_block(k == 0):
-                    total.parts[k].add_(node.target(*block_args, **block_kwargs))
+            with registry.rest_in_block(k == 0):
+                if not project_into(total.parts[k], block_args):
+                    total.parts[k].add_(node.target(*block_args, **block_kwargs).reshape(total.parts[k].shape))
+                elif bias is not None and block_args[bias] is not None:
+                    registry.add_to_rest(total.parts[k], block_args[bias])
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         node = self.node
@@ -410,6 +478,13 @@ class BlockedInterpreter(torch.fx.Interpreter):
             return self._split(real, target(dense, activation, **kwargs), base, starts)
         if target is scaled_dot_product_attention:
             return self._attention(node, kwargs)
+        residual = self._residual_for(node) if node in self.accumulate else None
+        if residual is not None:
+            self._add_blocks(residual, node, args, kwargs, with_bias=True)
+            return residual
+        summed, index = self.passes.get(node, (None, 0))
+        if summed is not None and args[index] is self.env.get(self.accumulate[summed]):  # already summed in
+            return args[index]
         parts = []
         for k, start in enumerate(starts):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
@@ -493,7 +568,13 @@ class BlockedInterpreter(torch.fx.Interpreter):
         # through the module: the attention rule and this runner share one definition (tests patch it)
         probabilities = attention_rules.attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
         values = self.env[node.kwargs["components"]]
-        parts = [apply_probabilities(probabilities[..., start:, start:], part) for part, start in zip(values.parts, values.starts)]
+        last_reader = node.kwargs["components"] in self.user_to_last_uses.get(node, ())
+        parts = []
+        for k, start in enumerate(values.starts):
+            shape, by_head = values.parts[k].shape, values_by_head(values.parts[k])
+            if last_reader:  # the values' copy by head is all the product needs: free the originals first
+                values.parts[k] = None
+            parts.append(apply_to_values_by_head(probabilities[..., start:, start:], by_head, shape))
         return Blocks(parts, list(values.starts))
 
     def output(self, target: Any, args: tuple, kwargs: dict) -> Any:

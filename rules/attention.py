@@ -41,6 +41,14 @@ def attention_probabilities(
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+def values_by_head(components: torch.Tensor) -> torch.Tensor:
+    """Components of values ``[M, …, Hkv, Sk, D]`` copied into the layout attention multiplies,
+    ``[…·Hkv, Sk, M·D]``: components folded into the columns.  A caller that owns the values can
+    drop them before :func:`apply_to_values_by_head` (one values-sized copy less at the peak)."""
+    moved = components.movedim(0, -2)  # [..., Hkv, Sk, M, D]
+    return moved.reshape(-1, moved.shape[-3], moved.shape[-2] * moved.shape[-1])
+
+
 def apply_probabilities(probabilities: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
     """``P · v_m`` for every component: ``[…, H, Sq, Sk]`` and ``[M, …, Hkv, Sk, D]`` → ``[M, …, H, Sq, D]``.
 
@@ -51,11 +59,16 @@ def apply_probabilities(probabilities: torch.Tensor, components: torch.Tensor) -
     >>> apply_probabilities(torch.rand(2, 5, 5), torch.randn(3, 1, 5, 4)).shape
     torch.Size([3, 2, 5, 4])
     """
-    *batch, heads, queries, keys = probabilities.shape
-    kv_heads = components.shape[-3]
-    grouped = probabilities.reshape(*batch, kv_heads, heads // kv_heads, queries, keys)
-    out = torch.einsum("...grqk,m...gkd->m...grqd", grouped, components)
-    return out.reshape(components.shape[0], *out.shape[1:-4], heads, queries, components.shape[-1])
+    return apply_to_values_by_head(probabilities, values_by_head(components), components.shape)
+
+
+def apply_to_values_by_head(probabilities: torch.Tensor, by_head: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """:func:`apply_probabilities` on ``values_by_head(components)``, ``shape`` being the components' shape."""
+    count, *batch, kv_heads, _, width = shape
+    heads, queries, keys = probabilities.shape[-3:]
+    grouped = probabilities.reshape(-1, (heads // kv_heads) * queries, keys)  # [...·Hkv, r·Sq, Sk]
+    out = torch.bmm(grouped, by_head).view(*batch, kv_heads, heads // kv_heads, queries, count, width)
+    return out.movedim(-2, 0).reshape(count, *batch, heads, queries, width)
 
 
 @register_rule(aten.scaled_dot_product_attention.default, decomposes="value")
