@@ -11,6 +11,16 @@ bias), so the components never hold the unused columns.  Each column of a linear
 on its own weight column, so the result is the same numbers.  Mixture-of-experts kernels that
 compute the gate and up projections together (Mixtral's ``gate_up_proj``) narrow the same way: only
 the gate half carries components, the up half is used for real.
+
+Note [Seeded projections]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+Head and neuron seeds split the input of a projection by features (``split_features``): component
+``g`` is the value with every feature outside group ``g`` zeroed, ``G + 1`` copies of a hidden layer
+that the projection then shrinks to the residual width.  The projection of component ``g`` only
+needs group ``g``'s features and the matching weight rows, so :func:`fuse_seeded_projections`
+rewrites ``split_features → projection`` into :func:`project_feature_groups`: one batched product
+of each group's features by its weight rows, the features in no group (and the bias) going to rest.
+The split never exists: at a neuron seed that is ``(G + 1)·N·hidden`` values less.
 """
 from __future__ import annotations
 
@@ -20,10 +30,13 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxdepass.registry import add_to_rest
 from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
+from fxdepass.seeds import split_features
 
-__all__ = ["PROJECTIONS", "VIEWS", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into"]
+__all__ = ["PROJECTIONS", "VIEWS", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into",
+           "fuse_seeded_projections", "project_feature_groups"]
 
 aten = torch.ops.aten
 #: linear maps with a constant weight: op → (features argument, weight argument, weight's output
@@ -172,3 +185,61 @@ def _narrow(split: torch.fx.Node) -> int:
     for reader in list(split.users):
         reader.replace_all_uses_with(narrowed)
     return 1
+
+
+def fuse_seeded_projections(module: torch.fx.GraphModule) -> int:
+    """Compute every projection of a feature-split seed group by group (Note [Seeded projections]);
+    returns how many were fused.
+
+    >>> fuse_seeded_projections(module_seeded_at_a_down_projection)       # doctest: +SKIP
+    1
+    """
+    count = 0
+    for split in [n for n in module.graph.nodes if n.op == "call_function" and n.target is split_features]:
+        found = projection(next(iter(split.users))) if len(split.users) == 1 else None
+        if found is None or found.features is not split or found.real_index is not None:
+            continue
+        node, op = found.node, found.node.args[0]
+        bias = found.bias
+        with module.graph.inserting_before(node):
+            fused = _call(module.graph, project_feature_groups, (op, split.args[0], found.weight, bias),
+                          {"groups": split.kwargs["groups"]}, node)
+        fused.meta["fxdepass_real"] = node.meta["fxdepass_real"]
+        node.replace_all_uses_with(fused)
+        module.graph.erase_node(node)
+        module.graph.erase_node(split)
+        count += 1
+    if count:
+        module.recompile()
+    return count
+
+
+def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                           groups: int | tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The components of the projection ``op`` of ``split_features(value, groups=groups)``, made group
+    by group (Note [Seeded projections]): ``[G + 1, *rows, out]``, rest last.
+
+    >>> x, w = torch.randn(3, 4), torch.randn(4, 2)
+    >>> torch.allclose(project_feature_groups(torch.ops.aten.mm.default, x, w, groups=2).sum(0), x @ w)
+    True
+    """
+    width = value.shape[-1]
+    weight = weight if PROJECTIONS[op][2] == 1 else weight.t()  # [in, out]
+    if isinstance(groups, int):
+        groups = tuple(tuple(range(g * width // groups, (g + 1) * width // groups)) for g in range(groups))
+    groups = [list(dict.fromkeys(i % width for i in group)) for group in groups]
+    longest = max(len(group) for group in groups)
+    # features padded with one zero column, which short groups index to fill their rows
+    index = torch.tensor([group + [width] * (longest - len(group)) for group in groups], device=value.device)
+    rest = sorted(set(range(width)).difference(*groups))
+    rows = value.reshape(-1, width)
+    padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
+    out = rows.new_empty(len(groups) + 1, rows.shape[0], weight.shape[1])
+    padded_weight = torch.cat((weight, weight.new_zeros(1, weight.shape[1])))
+    torch.bmm(padded[:, index].movedim(1, 0), padded_weight[index], out=out[:-1])
+    if rest:
+        torch.mm(rows[:, rest], weight[rest], out=out[-1])
+    else:
+        out[-1].zero_()
+    out = out.reshape(len(groups) + 1, *value.shape[:-1], weight.shape[1])
+    return out if bias is None else add_to_rest(out, bias)

@@ -25,7 +25,7 @@ from .capture import CapturedModel
 from .errors import FxDePassError, InvalidReadoutError, node_location
 from .registry import Kind, rest_only
 from .locations import module_path
-from .narrowing import narrow_fused_projections
+from .narrowing import fuse_seeded_projections, narrow_fused_projections
 from .seeds import Seed, SeedPoint, sink_of
 
 __all__ = ["Policy", "build_module"]
@@ -152,6 +152,7 @@ def build_module(
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(attributes, graph, class_name="DecomposedForward")
     narrow_fused_projections(module)
+    fuse_seeded_projections(module)
     module.meta["fxdepass_analysis"] = analysis
     return module
 
