@@ -61,7 +61,9 @@ from fxdepass.rules.attention import apply_to_values_by_head, scaled_dot_product
 from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
-from .narrowing import VIEWS, Projection, component_op, project_into, projection
+from .errors import FxDePassError
+from .narrowing import VIEWS, Projection, component_op, project_into, projection, real_shape
+from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
@@ -169,17 +171,9 @@ def _region(down: Projection) -> NeuronRegion | None:
     return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
 
 
-def _shape(node: torch.fx.Node) -> list[sympy.Expr] | None:
-    """The shape of a component node's real value, sizes as sympy expressions."""
-    value = node.meta["fxdepass_real"].meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return None
-    return [size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size) for size in value.shape]
-
-
 def _same_rows(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     """Whether two component nodes' real values have the same last axis and the same number of rows."""
-    x, y = _shape(a), _shape(b)
+    x, y = real_shape(a), real_shape(b)
     return x is not None and y is not None and x[-1] == y[-1] and sympy.expand(sympy.prod(x) - sympy.prod(y)) == 0
 
 
@@ -256,18 +250,26 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = self._tail(module) if last_position_only else set()
-        self.regions = {m: r for r in neuron_regions(module).values() for m in r.members}
+        # routed sections run in chunks of rows (one block only); their experts then need no neuron slices
+        routed = list(routed_regions(module).values()) if blocks == 1 and not last_position_only else []
+        self.routed = {m: r for r in routed for m in r.members}
+        neurons = [r for r in neuron_regions(module).values() if not any(m in self.routed for m in r.members)]
+        self.regions = {m: r for r in neurons for m in r.members}
         self.in_place = {m for r in neuron_regions(module).values() for m in r.in_place}
         order = {n: i for i, n in enumerate(module.graph.nodes)}
-        for region in neuron_regions(module).values():  # what members read lives until the region runs
-            down = region.members[-1]
-            held = {a for m in region.members for a in m.all_input_nodes} | set(region.members)
-            for user, deleted in list(self.user_to_last_uses.items()):
-                if order[user] < order[down] and any(n in held for n in deleted):
-                    self.user_to_last_uses[user] = [n for n in deleted if n not in held]
-                    self.user_to_last_uses.setdefault(down, []).extend(n for n in deleted if n in held)
+        for members in [r.members for r in neurons] + [r.members for r in routed]:
+            self._hold(members, order)
         self.passes: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
-        self.accumulate = self._accumulations(module)
+        self.accumulate = self._accumulations(module, {r.total for r in routed})
+
+    def _hold(self, members: list[torch.fx.Node], order: dict[torch.fx.Node, int]) -> None:
+        """Keep what ``members`` read (and the members) until the last of them, where they run together."""
+        last = members[-1]
+        held = {a for m in members for a in m.all_input_nodes} | set(members)
+        for user, deleted in list(self.user_to_last_uses.items()):
+            if order[user] < order[last] and any(n in held for n in deleted):
+                self.user_to_last_uses[user] = [n for n in deleted if n not in held]
+                self.user_to_last_uses.setdefault(last, []).extend(n for n in deleted if n in held)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         ids = args[0]
@@ -287,12 +289,13 @@ class BlockedInterpreter(torch.fx.Interpreter):
                   or any(len(self.axes(a)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
         return set(nodes[mixing[-1] + 1:] if mixing else nodes)
 
-    def _accumulations(self, module: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
+    def _accumulations(self, module: torch.fx.GraphModule, outputs: set[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
         """Projection → the residual it can be summed into (Note [Residual accumulation]); the views
-        and copies between the projection and the add go to ``self.passes`` (they pass the sum on)."""
+        and copies between the projection and the add go to ``self.passes`` (they pass the sum on).  Routed
+        sections' ``outputs`` are summed into a residual the same way."""
         found = {}
         for node in module.graph.nodes:
-            if projection(node) is None:
+            if projection(node) is None and node not in outputs:
                 continue
             chain, add = [], node
             while len(add.users) == 1 and (component_op(add) in _PASSING or add is node):
@@ -304,7 +307,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
             owned = component_op(residual) is aten.add.Tensor or residual.target is split_groups
             others_fresh = all(component_op(u) in _FRESH or u.target in _NORMS for u in residual.users if u is not add)
             if (residual is not chain[-1] and owned and others_fresh and residual in self.user_to_last_uses.get(add, ())
-                    and _same_rows(node, add) and _shape(residual) == _shape(add)):
+                    and _same_rows(node, add) and real_shape(residual) == real_shape(add)):
                 found[node] = residual
                 self.passes.update({n: (node, 1) for n in chain[1:]})
                 self.passes[add] = (node, add.args.index(chain[-1]))
@@ -403,6 +406,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
     # -- the hooks -----------------------------------------------------------------------------
 
     def run_node(self, node: torch.fx.Node) -> Any:
+        routed = self.routed.get(node)
+        if routed is not None:  # members wait for the region's output, then run in chunks of rows
+            return self._run_routed(routed) if node is routed.total else None
         region = self.regions.get(node)
         if region is not None:  # members wait for the projection out, then run in slices
             return self._run_region(region) if node is region.members[-1] else None
@@ -443,6 +449,49 @@ class BlockedInterpreter(torch.fx.Interpreter):
         finally:
             self.env.update(saved)
         return total
+
+    def _run_routed(self, region: RoutedRegion) -> Blocks:
+        """The routed section's output, its rows run in chunks and added into their tokens (Note [Routed rows])."""
+        permutation = self.env[region.permutation]
+        rows = permutation.shape[0]
+        if not bool((torch.bincount(permutation, minlength=rows) == 1).all()):
+            raise FxDePassError(f"{region.unsort.name}: the routed rows are not put back by a permutation")
+        inverse = torch.empty_like(permutation)
+        inverse[permutation] = torch.arange(rows, device=permutation.device)
+        per_token = int(real_shape(region.view)[1])
+        tokens = inverse // per_token  # routed row → its token
+        total = self._residual_for(region.total)
+        if total is not None and not total.parts[0].is_contiguous():
+            total = None
+        width = int(real_shape(region.total)[-1])
+        out = total.parts[0].view(total.parts[0].shape[0], -1, width) if total is not None else None
+        chunk = max(1, int(CHUNK_SHARE * rows // per_token * width / max(int(real_shape(m)[-1]) for m in region.body)))
+        saved = {n: self.env[n] for n in [*region.sliced, *region.offsets]}
+        try:
+            for start in range(0, rows, chunk):
+                size = min(chunk, rows - start)
+                for node in region.sliced:
+                    self.env[node] = saved[node].narrow(0, start, size)
+                for node in region.offsets:
+                    self.env[node] = (saved[node] - start).clamp_(0, size)
+                for member in region.body:
+                    self.node = member
+                    args, kwargs = self.fetch_args_kwargs_from_env(member)
+                    if member is region.body[0]:  # gathered row-major: the expert kernel reads rows without a copy
+                        self.env[member] = Blocks([args[1].parts[0].transpose(0, 1)[args[2][0]].transpose(0, 1)], [0])
+                    else:
+                        self.env[member] = self.call_function(member.target, args, kwargs)
+                    for done in region.frees.get(member, ()):
+                        self.env[done] = None
+                    del args, kwargs  # a chunk's values live only as long as their readers
+                part, self.env[region.body[-1]] = self.env[region.body[-1]].parts[0], None
+                if out is None:
+                    out = part.new_zeros(part.shape[0], rows // per_token, width)
+                out.index_add_(1, tokens[start:start + size], part)
+                del part
+        finally:
+            self.env.update(saved)
+        return total if total is not None else Blocks([out], [0])
 
     def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict, with_bias: bool = False) -> None:
         """Add ``node``'s blocks to ``total`` one at a time (no second full-size value); a projection's

@@ -27,16 +27,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import sympy
 import torch
 import torch.fx
 
-from fxdepass.registry import add_to_rest
+from fxdepass.registry import add_to_rest, rest_only
 from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
 from fxdepass.seeds import split_features
 
 __all__ = ["PROJECTIONS", "VIEWS", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into",
-           "fuse_seeded_projections", "project_feature_groups"]
+           "fuse_seeded_projections", "project_feature_groups", "real_shape", "shape_of"]
 
 aten = torch.ops.aten
 #: linear maps with a constant weight: op → (features argument, weight argument, weight's output
@@ -142,6 +143,19 @@ def _piece(split: torch.fx.Node, width: int) -> tuple[int, int] | None:
     return None
 
 
+def shape_of(node: torch.fx.Node) -> list[sympy.Expr] | None:
+    """The shape of ``node``'s value, sizes as sympy expressions (``None`` if it is not a tensor)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return [size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size) for size in value.shape]
+
+
+def real_shape(node: torch.fx.Node) -> list[sympy.Expr] | None:
+    """The shape of a component node's real value, sizes as sympy expressions."""
+    return shape_of(node.meta["fxdepass_real"])
+
+
 def _width(node: torch.fx.Node) -> Any:
     """The last axis of a component node's real value."""
     value = node.meta["fxdepass_real"].meta.get("val")
@@ -196,15 +210,18 @@ def fuse_seeded_projections(module: torch.fx.GraphModule) -> int:
     """
     count = 0
     for split in [n for n in module.graph.nodes if n.op == "call_function" and n.target is split_features]:
-        found = projection(next(iter(split.users))) if len(split.users) == 1 else None
-        if found is None or found.features is not split or found.real_index is not None:
+        # readouts upstream of the seed read the split only for its number of components
+        counting = [u for u in split.users if u.target is rest_only]
+        found = [projection(u) for u in split.users if u.target is not rest_only]
+        if len(found) != 1 or found[0] is None or found[0].features is not split or found[0].real_index is not None:
             continue
-        node, op = found.node, found.node.args[0]
-        bias = found.bias
+        node, op = found[0].node, found[0].node.args[0]
         with module.graph.inserting_before(node):
-            fused = _call(module.graph, project_feature_groups, (op, split.args[0], found.weight, bias),
+            fused = _call(module.graph, project_feature_groups, (op, split.args[0], found[0].weight, found[0].bias),
                           {"groups": split.kwargs["groups"]}, node)
         fused.meta["fxdepass_real"] = node.meta["fxdepass_real"]
+        for reader in counting:
+            reader.replace_input_with(split, fused)
         node.replace_all_uses_with(fused)
         module.graph.erase_node(node)
         module.graph.erase_node(split)

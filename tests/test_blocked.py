@@ -7,7 +7,8 @@ import torch
 import families
 import fxdepass
 from conftest import relative_error
-from fxdepass.blocked import neuron_regions
+from fxdepass.blocked import BlockedInterpreter, neuron_regions
+from fxdepass.routed import routed_regions
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi", "mistral"])
@@ -100,4 +101,52 @@ def test_expert_neuron_slices_equal_the_plain_module(family: str) -> None:
         assert relative_error(sliced.components, plain.components[:, :1]) <= 1e-5
     module = decomposed._module(next(iter(decomposed._captures.values())), fxdepass.tokens(), ("logits",))[0]
     experts = [n for n in neuron_regions(module) if "experts" in n.name]
-    assert len(experts) == 2  # each layer's experts really ran in slices
+    assert len(experts) == 2  # each layer's experts can run in neuron slices
+    assert len(routed_regions(module)) == 2  # and each layer's routed rows in chunks (Note [Routed rows])
+
+
+@pytest.mark.parametrize("family", families.MOE)
+def test_routed_rows_in_chunks_equal_one_chunk(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Routed rows]: chunks of routed rows, added into their tokens, give what one chunk of every
+    row gives (float32: the expert kernel has no float64 CPU version), and the chunks really ran."""
+    import fxdepass.blocked
+
+    model = families.build(family, layers=2, seed=4)
+    decomposed = fxdepass.compile(model)
+    ids = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    chunks = []
+    run = fxdepass.blocked.BlockedInterpreter.call_function
+
+    def counting(self: BlockedInterpreter, target: object, args: tuple, kwargs: dict) -> object:
+        if self.node in self.routed and self.node is self.routed[self.node].body[1]:  # the first expert kernel
+            chunks.append(self.node)
+        return run(self, target, args, kwargs)
+
+    monkeypatch.setattr(fxdepass.blocked.BlockedInterpreter, "call_function", counting)
+    got = decomposed.attribute(ids)
+    assert len(chunks) > 2  # more than one chunk a layer
+    monkeypatch.setattr(fxdepass.blocked, "CHUNK_SHARE", 10**6)  # one chunk of all rows
+    chunks.clear()
+    whole = decomposed.attribute(ids)
+    assert len(chunks) == 2
+    assert relative_error(got.components, whole.components) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_projections_summed_into_the_residual_equal_the_plain_module(family: str) -> None:
+    """Note [Residual accumulation]: every attention and MLP output projection is summed straight into
+    the residual, and the result is the plain generated module's (a batch of two runs it), in float64."""
+    model = families.build(family, layers=2, seed=4)
+    decomposed = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3)
+    ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
+    for seed in (fxdepass.tokens(), fxdepass.heads(1)):
+        got = decomposed.attribute(ids, seed=seed, readout=["logits", "layers"])
+        plain = decomposed.attribute(ids.repeat(2, 1), seed=seed, readout=["logits", "layers"])
+        for name in got:  # the batch axis follows the component axis
+            first = plain[name].components.narrow(plain[name].component_axis + 1, 0, 1)
+            assert relative_error(got[name].components, first) <= 1e-12
+    captured = next(iter(decomposed._captures.values()))
+    for readouts, summed in ((("logits",), 4), (("logits", "layers"), 2)):  # read-out residuals stay whole
+        module = decomposed._module(captured, fxdepass.tokens(), readouts)[0]
+        runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks=3)
+        assert len(runner.accumulate) == summed
