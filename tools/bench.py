@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -101,15 +102,19 @@ class RssSampler:
         self.peak = max(self.peak, _rss())
 
 
-def _map_every_tensor() -> None:
-    """Give every allocation of 64 KiB or more its own mapping (Note [Live peak]); glibc only."""
-    import ctypes
+def allocator_peak(run: Callable[[], object]) -> int:
+    """The most bytes torch's CPU allocator held at once during ``run()`` beyond what it held before
+    (Note [Allocator peak])."""
+    from torch.profiler import ProfilerActivity, profile
 
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 16)
-    libc.mallopt(m_trim_threshold, 1 << 16)
-    libc.malloc_trim(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def _rss() -> int:
@@ -148,19 +153,21 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
         start = time.perf_counter()
         model(batch)
         forward = (time.perf_counter() - start) * n / copies
-    # Note [Live peak]: glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, so
-    # RSS also counts memory that holds no tensor.  With a fixed small threshold every tensor gets its
-    # own mapping, returned when it is freed: the RSS of one more run then follows the live tensors.
-    # Last, as mapping every tensor slows what runs after it.
-    _map_every_tensor()
-    with RssSampler() as live:
-        decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
+    # Note [Allocator peak]: every tensor's memory comes from c10's CPU allocator, which reports each
+    # allocation and free (with its size) to the profiler when memory profiling is on.  Their running
+    # sum in time order, maximised, is the peak of tensor memory the attribution held, as
+    # torch.cuda.max_memory_allocated on a GPU: not the interpreter's own objects nor what glibc keeps
+    # for reuse, which the RSS column counts.  Last, as profiling slows what runs after it.
+    allocated = allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[target], last_position=True))
+    with torch.no_grad():
+        alone = allocator_peak(lambda: model(ids))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "family": family, "size": size, "n": n, "seed": kind, "components": components,
         "compile_s": compile_time, "attribute_s": statistics.median(times), "forward_s": forward,
         "ratio": statistics.median(times) / forward, "floor": flop_floor(family, size, n) if kind == "tokens" else None,
-        "peak_rss": memory.peak - memory.base + weights, "live_peak": live.peak - live.base + weights, "process_rss": memory.peak, "weights": weights,
+        "peak_rss": memory.peak - memory.base + weights, "allocated": allocated + weights, "forward_alone": alone + weights,
+        "process_rss": memory.peak, "weights": weights,
         "budget": 2.5 * components * n * SIZES[size]["hidden"] * 4 + weights,
         "error": attribution.reconstruction_error(), "forward_scaled": copies != n,
     }
@@ -229,24 +236,29 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
         "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
         "batch of M = N copies of the prompt, measured in the same process. *floor* = the matmul multiply-add count "
-        "of the decomposed pass over that of the batched forward (see `flop_floor`). *peak MB* is the process's "
-        "resident memory (RSS) the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
-        "*live MB* the same in one more run where every allocation of 64 KiB or more gets its own mapping, returned "
-        "when freed, so that it follows the live tensors rather than what glibc keeps for reuse (Note [Live peak] "
-        "in tools/bench.py); *budget* = 2.5·(M+1)·N·d·4 bytes + weights. † the batched forward timed on M/8 copies "
-        "and scaled by 8 (its cost is linear in the batch), to keep the run within 15 minutes.",
+        "of the decomposed pass over that of the batched forward (see `flop_floor`). *RSS MB* is the process's "
+        "resident memory the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
+        "*allocator MB* the most bytes torch's CPU allocator held at once during one more attribution, from the "
+        "profiler's memory events, plus the weights (Note [Allocator peak] in tools/bench.py): tensor memory, as "
+        "`torch.cuda.max_memory_allocated` reports on a GPU; *forward(1) MB* the same for the plain model's forward "
+        "of the prompt alone (batch 1, every position's logits), for scale; *budget* = 2.5·(M+1)·N·d·4 bytes + "
+        "weights, M+1 the attribution's components. † the batched forward timed on M/8 copies and scaled by 8 (its "
+        "cost is linear in the batch), to keep the run within 15 minutes.",
         "",
-        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | peak MB | live MB | budget MB | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | budget MB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else "—"
         lines.append(
             f"| {r['family']} | {r['size']} | {r['seed']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
             f"{r['forward_s']:.2f}{'†' if r.get('forward_scaled') else ''} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | "
-            f"{r['live_peak'] * mb:.0f} | {r['budget'] * mb:.0f} | "
+            f"{r['allocated'] * mb:.1f} | {r['forward_alone'] * mb:.1f} | {r['budget'] * mb:.1f} | "
             f"{r['error']:.1e} |"
         )
+    over = [f"{r['family']} {r['size']} {r['seed']} N={r['n']} ({r['allocated'] / r['budget']:.2f}×)"
+            for r in rows if r["allocated"] > r["budget"]]
+    lines += ["", f"Allocator peak above the budget: {', '.join(over) if over else 'none'}."]
     lines += ["", "Growth of attribution time with N (least-squares slope of log time on log N):", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
