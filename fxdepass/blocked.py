@@ -45,6 +45,16 @@ components (one ``addmm_`` per block or neuron slice, the bias into rest) and th
 the projection's output never exists on its own, one residual-sized value less at the MLP's peak.
 The residual must be a value no one else can see: an add's or the seed's own result, whose other
 readers make fresh values (the norm's arithmetic), so no view of it outlives the add.
+
+Note [Component chunks]
+~~~~~~~~~~~~~~~~~~~~~~~
+In one block (mixture-of-experts models, seeds other than tokens, short prompts) a layer's attention
+would hold the residual, the values and their copy by head at once: three residual-sized values.
+Every op from the residual to the output projection acts on each component separately (the norm's
+scaling, the value projection, the frozen probabilities, views), and the projection is summed into
+the residual (above), so that stretch runs exactly in chunks of components: each chunk reads its
+rows of the residual and adds its projection into the same rows; constant terms (biases) go to rest
+in the chunk that holds it.  The probabilities are computed once for all chunks.
 """
 from __future__ import annotations
 
@@ -79,6 +89,8 @@ SLICE_WIDTH = 0.5
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}
 #: component ops whose result is a fresh tensor: readers of a residual that leave it free to update
 _FRESH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+#: chunks of components a one-block stretch from the residual to its output projection runs in
+COMPONENT_CHUNKS = 4
 #: norm rules: they read a residual and make fresh values
 _NORMS = {layer_norm, rms_norm}
 #: ops between an output projection and its residual add that keep the rows (dropout's clone, views)
@@ -184,7 +196,17 @@ def _overwritten(node: torch.fx.Node) -> torch.fx.Node | None:
         return node.args[0]
     if component_op(node) in _SCALINGS and tuple(node.kwargs["in_dims"]) == (0, None):
         return node.args[1]
+    if component_op(node) is aten.mul.Tensor and tuple(node.kwargs["in_dims"]) == (None, 0):
+        return node.args[2]
     return None
+
+
+def _scaling_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` may scale its components input in place outside a neuron region: the input is
+    a fresh value (an arithmetic op's or a norm's) that only ``node`` reads."""
+    source = _overwritten(node)
+    return (node.target is not allocate and source is not None and len(source.users) == 1
+            and (component_op(source) in _FRESH or source.target in _NORMS))
 
 
 @dataclasses.dataclass
@@ -256,11 +278,18 @@ class BlockedInterpreter(torch.fx.Interpreter):
         neurons = [r for r in neuron_regions(module).values() if not any(m in self.routed for m in r.members)]
         self.regions = {m: r for r in neurons for m in r.members}
         self.in_place = {m for r in neuron_regions(module).values() for m in r.in_place}
+        self.in_place |= {n for n in module.graph.nodes if _scaling_in_place(n)}
         order = {n: i for i, n in enumerate(module.graph.nodes)}
         for members in [r.members for r in neurons] + [r.members for r in routed]:
             self._hold(members, order)
         self.passes: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
         self.accumulate = self._accumulations(module, {r.total for r in routed})
+        self.segment_frees: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        self.segments = {m: s for s in self._segments(module) for m in s} if blocks == 1 else {}
+        for segment in {id(s): s for s in self.segments.values()}.values():
+            self._hold(segment, order)
+        self.rest_here = True  # whether the components being run hold rest (Note [Component chunks])
+        self._probabilities: dict[torch.fx.Node, torch.Tensor] | None = None
 
     def _hold(self, members: list[torch.fx.Node], order: dict[torch.fx.Node, int]) -> None:
         """Keep what ``members`` read (and the members) until the last of them, where they run together."""
@@ -311,6 +340,31 @@ class BlockedInterpreter(torch.fx.Interpreter):
                 found[node] = residual
                 self.passes.update({n: (node, 1) for n in chain[1:]})
                 self.passes[add] = (node, add.args.index(chain[-1]))
+        return found
+
+    def _segments(self, module: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
+        """Per output projection summed into its residual, the component nodes from that residual to it
+        when every one acts on each component separately, in graph order ending with the projection
+        (Note [Component chunks])."""
+        order = {n: i for i, n in enumerate(module.graph.nodes)}
+        found = []
+        for node, residual in self.accumulate.items():
+            if projection(node) is None:
+                continue
+            members, todo, reaches = [], [projection(node).features], True
+            while todo and reaches:
+                member = todo.pop()
+                if member is residual or member in members:
+                    continue
+                sources = [a for a in member.all_input_nodes if "fxdepass_real" in a.meta]
+                per_component = component_op(member) is not None or member.target in _NORMS or member.target is scaled_dot_product_attention
+                reaches = bool(sources) and per_component and member not in self.regions and member not in self.routed
+                members.append(member)
+                todo.extend(sources)
+            if reaches and members and all(u in members or u is node for m in members for u in m.users):
+                found.append(sorted(members, key=order.get) + [node])
+                for member in members:  # each value is dropped after its last reader
+                    self.segment_frees.setdefault(max(member.users, key=order.get), []).append(member)
         return found
 
     def _residual_for(self, node: torch.fx.Node) -> Blocks | None:
@@ -409,6 +463,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
         routed = self.routed.get(node)
         if routed is not None:  # members wait for the region's output, then run in chunks of rows
             return self._run_routed(routed) if node is routed.total else None
+        segment = self.segments.get(node)
+        if segment is not None:  # members wait for the projection, then run in chunks of components
+            return self._run_segment(segment) if node is segment[-1] else None
         region = self.regions.get(node)
         if region is not None:  # members wait for the projection out, then run in slices
             return self._run_region(region) if node is region.members[-1] else None
@@ -449,6 +506,53 @@ class BlockedInterpreter(torch.fx.Interpreter):
         finally:
             self.env.update(saved)
         return total
+
+    def _run_segment(self, segment: list[torch.fx.Node]) -> Blocks:
+        """The output projection ``segment[-1]``, the nodes from its residual to it run in chunks of
+        components (Note [Component chunks]); summed into the residual where that is laid out as the
+        projection's output (not for a last-position tail), else gathered chunk by chunk."""
+        *members, down = segment
+        source = self.accumulate[down]
+        whole, residual = self.env[source], self._residual_for(down)
+        if residual is not None and not residual.parts[0].is_contiguous():
+            residual = None
+        count = whole.parts[0].shape[0]
+        size = -(-count // COMPONENT_CHUNKS)
+        out = None
+        self._probabilities = {}
+        try:
+            for start in range(0, count, size):
+                self.env[source] = Blocks([whole.parts[0][start:start + size]], whole.starts)
+                self.rest_here = start + size >= count  # rest is the last component
+                self._run_members(members)
+                self.node = down
+                args, kwargs = self.fetch_args_kwargs_from_env(down)
+                if residual is not None:
+                    self._add_blocks(self.env[source], down, args, kwargs, with_bias=self.rest_here)
+                else:
+                    part = self.call_function(down.target, args, kwargs)
+                    if out is None:
+                        out = Blocks([part.parts[0].new_empty(count, *part.parts[0].shape[1:])], part.starts)
+                    out.parts[0][start:start + size] = part.parts[0]
+                    del part
+                del args, kwargs
+                for member in members:
+                    self.env[member] = None
+        finally:
+            self.env[source], self.rest_here, self._probabilities = whole, True, None
+        return residual if residual is not None else out
+
+    def _run_members(self, members: list[torch.fx.Node]) -> None:
+        """Run a segment's ``members`` in order, each value dropped after its last reader among them."""
+        for member in members:
+            self.node = member
+            self.env[member] = self.call_function(member.target, *self.fetch_args_kwargs_from_env(member))
+            for done in self.segment_frees.get(member, ()):
+                self.env[done] = None
+
+    def _rest(self, k: int) -> bool:
+        """Whether block ``k`` of the components being run holds rest."""
+        return k == 0 and self.rest_here
 
     def _run_routed(self, region: RoutedRegion) -> Blocks:
         """The routed section's output, its rows run in chunks and added into their tokens (Note [Routed rows])."""
@@ -499,7 +603,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         bias = projection(node).bias_index if with_bias else None
         for k, start in enumerate(self._starts_for(node)):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
-            with registry.rest_in_block(k == 0):
+            with registry.rest_in_block(self._rest(k)):
                 if not project_into(total.parts[k], block_args):
                     total.parts[k].add_(node.target(*block_args, **block_kwargs).reshape(total.parts[k].shape))
                 elif bias is not None and block_args[bias] is not None:
@@ -517,8 +621,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
             return self._split(real, target(*args, **kwargs), 0, starts)
         if target is allocate and kwargs.get("mode", "softmax") == "softmax":
             return self._softmax_allocation(node, args, kwargs, in_place=node in self.in_place)
-        if node in self.in_place and self._scale_in_place(node, args, kwargs):
-            return args[1]
+        scaled = self._scale_in_place(node, args, kwargs) if node in self.in_place else None
+        if scaled is not None:
+            return scaled
         if target is allocate:
             dense, base = self._assemble(args[0], node.args[0].meta["fxdepass_real"])
             activation = self._narrow(node.args[1], args[1], base)
@@ -537,7 +642,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         parts = []
         for k, start in enumerate(starts):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
-            with registry.rest_in_block(k == 0):
+            with registry.rest_in_block(self._rest(k)):
                 parts.append(target(*block_args, **block_kwargs))
         return Blocks(parts, list(starts))
 
@@ -553,19 +658,21 @@ class BlockedInterpreter(torch.fx.Interpreter):
             parts.append(part)
         return Blocks(parts, list(starts))
 
-    def _scale_in_place(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> bool:
-        """Scale the components (``args[1]``, read by no one else) by the real ``args[2]`` in place,
-        block by block; ``False`` (nothing done) where the result would not fit their shape."""
-        components, starts = args[1], self._starts_for(node)
+    def _scale_in_place(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Blocks | None:
+        """Scale the components (read by no one else) by the real value beside them in place, block by
+        block, and return them; ``None`` (nothing done) where the result would not fit their shape."""
+        at, by = (1, 2) if tuple(node.kwargs["in_dims"]) == (0, None) else (2, 1)
+        components, starts = args[at], self._starts_for(node)
         if not isinstance(components, Blocks) or starts != components.starts:
-            return False
+            return None
         blocks = [self._block_args(node, args, kwargs, k, start)[0] for k, start in enumerate(starts)]
-        if any(torch.broadcast_shapes(b[1].shape, (1, *b[2].shape)) != b[1].shape for b in blocks):
-            return False
+        if any(torch.broadcast_shapes(b[at].shape, (1, *torch.as_tensor(b[by]).shape)) != b[at].shape
+               or torch.result_type(b[at], b[by]) != b[at].dtype for b in blocks):
+            return None
         scale = torch.Tensor.mul_ if args[0] is aten.mul.Tensor else torch.Tensor.div_
         for block in blocks:
-            scale(block[1], block[2])
-        return True
+            scale(block[at], block[by])
+        return components
 
     def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict, in_place: bool = False) -> Blocks:
         """The softmax allocation (rules/activations.py Note [Activation allocation]) block by block:
@@ -614,10 +721,14 @@ class BlockedInterpreter(torch.fx.Interpreter):
         query, key, *rest = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
         mask = rest[1] if len(rest) > 1 else kwargs.get("attn_mask")
         causal = rest[3] if len(rest) > 3 else kwargs.get("is_causal", False)
-        # through the module: the attention rule and this runner share one definition (tests patch it)
-        probabilities = attention_rules.attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
+        probabilities = self._probabilities.get(node) if self._probabilities is not None else None
+        if probabilities is None:  # through the module: the rule and this runner share one definition (tests patch it)
+            probabilities = attention_rules.attention_probabilities(query, key, mask, causal, kwargs.get("scale"))
+            if self._probabilities is not None:  # computed once for every chunk of components
+                self._probabilities[node] = probabilities
         values = self.env[node.kwargs["components"]]
-        last_reader = node.kwargs["components"] in self.user_to_last_uses.get(node, ())
+        last_reader = (node.kwargs["components"] in self.user_to_last_uses.get(node, ())
+                       or (node in self.segments and len(node.kwargs["components"].users) == 1))
         parts = []
         for k, start in enumerate(values.starts):
             shape, by_head = values.parts[k].shape, values_by_head(values.parts[k])
