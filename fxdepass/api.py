@@ -333,7 +333,7 @@ class DecomposedModel:
         self._check_memory(module, captured, ids, blocked, sliced, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
-                blocks = min(self.causal_blocks, ids.shape[1] // BLOCK_POSITIONS) if blocked else 1
+                blocks = min(self.causal_blocks, max(2, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)
                 outputs = runner.run(*arguments)
@@ -442,7 +442,7 @@ class DecomposedModel:
 
     def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
         """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""
-        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < 2 * BLOCK_POSITIONS
+        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < BLOCK_POSITIONS
                 or not isinstance(seed, Tokens) or seed.groups is not None
                 or not isinstance(captured.sequence_length, torch.SymInt)):
             return False
