@@ -20,7 +20,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
-from .capture import CapturedModel
 from .errors import InvalidSeedError
 from .locations import Locations
 
