@@ -72,16 +72,13 @@ from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
 from .errors import FxDePassError
-from .narrowing import VIEWS, Projection, component_op, project_into, projection, real_shape
+from .narrowing import ELEMENTWISE, VIEWS, Projection, component_op, project_into, projection, real_shape
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
 __all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
 
 aten = torch.ops.aten
-#: ops that act on each element (or keep the last axis as it is) along the neuron axis
-_ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
-                aten.clone.default, aten._to_copy.default, aten.alias.default}
 #: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
 #: memory, narrower ones re-read the input and re-write the output once more per slice
 SLICE_WIDTH = 0.5
@@ -164,7 +161,7 @@ def _region(down: Projection) -> NeuronRegion | None:
                 sliced[inner.bias] = 0
             continue
         op = component_op(node)
-        if node.target is not allocate and op not in _ELEMENTWISE and op not in VIEWS:
+        if node.target is not allocate and op not in ELEMENTWISE and op not in VIEWS:
             return None
         for arg in node.all_input_nodes:
             if "fxdepass_real" in arg.meta:

@@ -36,7 +36,7 @@ from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
 from fxdepass.seeds import split_features
 
-__all__ = ["PROJECTIONS", "VIEWS", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into",
+__all__ = ["PROJECTIONS", "VIEWS", "ELEMENTWISE", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into",
            "fuse_seeded_projections", "project_feature_groups", "real_shape", "shape_of"]
 
 aten = torch.ops.aten
@@ -44,6 +44,9 @@ aten = torch.ops.aten
 #: axis, bias argument), argument positions counting the op itself as 0 (as ``linear_map``'s args)
 PROJECTIONS = {aten.linear.default: (1, 2, 0, 3), aten.addmm.default: (2, 3, 1, 1), aten.mm.default: (1, 2, 1, None)}
 VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: component ops that act on each element separately (the last axis kept as it is)
+ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
+               aten.clone.default, aten._to_copy.default, aten.alias.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 

@@ -26,7 +26,7 @@ import torch.fx
 from fxdepass.rules.activations import allocate
 from fxdepass.rules.routing import grouped_mm_fallback
 
-from .narrowing import VIEWS, component_op, real_shape, shape_of
+from .narrowing import ELEMENTWISE, VIEWS, component_op, real_shape, shape_of
 
 __all__ = ["CHUNK_SHARE", "RoutedRegion", "routed_regions"]
 
@@ -35,9 +35,6 @@ aten = torch.ops.aten
 #: held, an eighth keeps the section within 2.5 residuals (Mixtral-small, N = 256: 2.16 s against
 #: 2.08 s for a quarter and 2.9 s for a half)
 CHUNK_SHARE = 0.125
-#: component ops that act on each routed row separately
-_ROW_WISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
-             aten.clone.default, aten._to_copy.default, aten.alias.default}
 
 
 @dataclasses.dataclass
@@ -124,7 +121,7 @@ def _body(last: Any, rows: sympy.Expr) -> list[torch.fx.Node] | None:
             if source is not None and source[0] != rows:  # the gather into routed rows: the body starts here
                 gathers += 1
                 continue
-        if node.target is not grouped_mm_fallback and node.target is not allocate and component_op(node) not in _ROW_WISE:
+        if node.target is not grouped_mm_fallback and node.target is not allocate and component_op(node) not in ELEMENTWISE:
             return None
         todo.extend(inputs)
     return body if gathers == 1 else None
