@@ -55,6 +55,17 @@ scaling, the value projection, the frozen probabilities, views), and the project
 the residual (above), so that stretch runs exactly in chunks of components: each chunk reads its
 rows of the residual and adds its projection into the same rows; constant terms (biases) go to rest
 in the chunk that holds it.  The probabilities are computed once for all chunks.
+
+Note [Allocation without masks]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The softmax allocation is the costliest elementwise work of a run (MLP hidden components, several
+passes each), and on CPU a comparison into a boolean mask costs two to three arithmetic passes, a
+masked fill four to five.  So absent components (exactly zero) become −inf arithmetically:
+``z + 0·(z/z)`` is ``z`` wherever ``z`` is finite and not 0 (``z/z`` is exactly 1, also for
+subnormals) and NaN where ``z = 0``, and ``nan_to_num`` turns that NaN into −inf; the sink's
+exclusion fills two slices of its own row.  A position whose maximum stays −inf has no component
+present: its rest takes everything.  The temperature is applied in the subtraction of the maximum,
+``z/T − max/T``, then ``exp``: seven arithmetic passes where there were nine, three of them masks.
 """
 from __future__ import annotations
 
@@ -65,14 +76,14 @@ import sympy
 import torch
 import torch.fx
 
-from fxdepass.rules.activations import allocate, sink_mask
+from fxdepass.rules.activations import allocate
 from fxdepass.rules import attention as attention_rules
 from fxdepass.rules.attention import apply_to_values_by_head, scaled_dot_product_attention, values_by_head
 from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
 from .errors import FxDePassError
-from .narrowing import ELEMENTWISE, VIEWS, Projection, component_op, project_into, projection, real_shape
+from .narrowing import ELEMENTWISE, VIEWS, Projection, component_op, last_axis, project_into, projection, real_shape
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
@@ -114,12 +125,6 @@ class NeuronRegion:
     in_place: set[torch.fx.Node] = dataclasses.field(default_factory=set)
 
 
-def _last_dim(node: Any) -> Any:
-    real = node.meta.get("fxdepass_real", node) if isinstance(node, torch.fx.Node) else None
-    value = real.meta.get("val") if real is not None else None
-    return value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim else None
-
-
 def neuron_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronRegion]:
     """MLP hidden layers of ``module`` that can run in neuron slices, keyed by their projection out
     (found once, kept in ``module.meta``)."""
@@ -139,7 +144,7 @@ def _find_regions(module: torch.fx.GraphModule) -> dict[torch.fx.Node, NeuronReg
 
 
 def _region(down: Projection) -> NeuronRegion | None:
-    width = _last_dim(down.features)
+    width = last_axis(down.features)
     if not isinstance(width, int):
         return None
     sliced = {down.weight: down.in_axis}  # the projection out's weight: neurons on its input axis
@@ -151,7 +156,7 @@ def _region(down: Projection) -> NeuronRegion | None:
         node = todo.pop()
         if node in members:
             continue
-        if _last_dim(node) != width:
+        if last_axis(node) != width:
             return None
         members.append(node)
         inner = projection(node)
@@ -166,7 +171,7 @@ def _region(down: Projection) -> NeuronRegion | None:
         for arg in node.all_input_nodes:
             if "fxdepass_real" in arg.meta:
                 todo.append(arg)
-            elif _last_dim(arg) == width and isinstance(arg.meta.get("val"), torch.Tensor):
+            elif last_axis(arg) == width and isinstance(arg.meta.get("val"), torch.Tensor):
                 sliced[arg] = arg.meta["val"].ndim - 1
     if any(user not in members for m in members[1:] for user in m.users):
         return None  # a hidden value is read outside the region
@@ -251,6 +256,19 @@ def supports_blocks(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: s
             if source is not None and len(_position_axes(source, symbol, batch)) > out_axes:
                 return False
     return True
+
+
+def _exclude_sink(logits: torch.Tensor, component: int, own: int, count: int, position_axis: int) -> None:
+    """Set the sink ``component``'s logits to −inf at every position but its ``own`` (both counted in
+    this block; nothing to do if the block's first ``count`` components do not hold it)."""
+    if not 0 <= component < count:
+        return
+    row = logits[component]
+    length = row.shape[position_axis]
+    own = min(max(own, -1), length)  # −1: before the block, length: after it
+    row.narrow(position_axis, 0, max(own, 0)).fill_(float("-inf"))
+    if own + 1 < length:
+        row.narrow(position_axis, own + 1, length - own - 1).fill_(float("-inf"))
 
 
 class BlockedInterpreter(torch.fx.Interpreter):
@@ -346,9 +364,10 @@ class BlockedInterpreter(torch.fx.Interpreter):
         order = {n: i for i, n in enumerate(module.graph.nodes)}
         found = []
         for node, residual in self.accumulate.items():
-            if projection(node) is None:
+            projected = projection(node)
+            if projected is None:
                 continue
-            members, todo, reaches = [], [projection(node).features], True
+            members, todo, reaches = [], [projected.features], True
             while todo and reaches:
                 member = todo.pop()
                 if member is residual or member in members:
@@ -472,7 +491,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _run_region(self, region: NeuronRegion) -> Any:
         """The region's projection out, summed over neuron slices (Note [Neuron chunks])."""
         down = region.members[-1]
-        chunk = max(1, int(_last_dim(down) * SLICE_WIDTH))
+        chunk = max(1, int(last_axis(down) * SLICE_WIDTH))
         chunk = -(-region.width // -(-region.width // chunk))  # equal slices, none left over
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
         total = self._residual_for(down)
@@ -674,7 +693,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _softmax_allocation(self, node: torch.fx.Node, args: tuple, kwargs: dict, in_place: bool = False) -> Blocks:
         """The softmax allocation (rules/activations.py Note [Activation allocation]) block by block:
         the normaliser is accumulated across blocks, so the components are never assembled;
-        ``in_place`` writes the shares over the components."""
+        ``in_place`` writes the shares over the components.  See Note [Allocation without masks]."""
         value, activation = args[0], args[1]
         real = node.args[0].meta["fxdepass_real"]
         sink, scale = kwargs.get("sink"), 1.0 / kwargs.get("temperature", 0.1)
@@ -682,29 +701,24 @@ class BlockedInterpreter(torch.fx.Interpreter):
         def stat(k: int, stats: torch.Tensor) -> torch.Tensor:  # a statistic at block k's positions
             return self._narrow_tensor(real, stats, value.starts[k])
 
-        absent = []
-        anything = torch.zeros(activation.shape, dtype=torch.bool, device=activation.device)
-        for k, part in enumerate(value.parts):
-            mask = part == 0
-            if sink is not None and kwargs.get("position_axis") is not None:  # counted from block k's starts
-                shift = torch.tensor([[self.starts[k]], [value.starts[k]]], device=sink.device)
-                excluded = sink_mask(part, sink - shift, kwargs.get("batch_axis"), kwargs["position_axis"])
-                if k == 0:
-                    excluded[-1] = False  # the rest component is never the sink
-                mask |= excluded
-            stat(k, anything).logical_or_(~mask.all(0))
-            absent.append(mask)
-        absent[0][-1].logical_and_(stat(0, anything))  # where no component is present, rest takes everything
         top = torch.full(activation.shape, float("-inf"), dtype=value.parts[0].dtype, device=activation.device)
         logits = []
-        for k, part in enumerate(value.parts):  # absent components get −inf: exp makes their shares 0
-            logit = (part.mul_(scale) if in_place else part * scale).masked_fill_(absent[k], float("-inf"))
-            absent[k] = None
+        for k, part in enumerate(value.parts):
+            logit = torch.addcdiv(part, part, part, value=0, out=part if in_place else None).nan_to_num_(nan=float("-inf"))
+            if sink is not None and kwargs.get("position_axis") is not None:
+                count = part.shape[0] - (k == 0)  # block 0's rest is never the sink
+                _exclude_sink(logit, int(sink[0, 0]) - self.starts[k], int(sink[1, 0]) - value.starts[k], count,
+                              kwargs["position_axis"])
             torch.maximum(stat(k, top), logit.amax(0), out=stat(k, top))
             logits.append(logit)
+        nothing = stat(0, top) == float("-inf")  # no component present: rest takes everything
+        logits[0][-1].masked_fill_(nothing, 0.0)
+        stat(0, top).masked_fill_(nothing, 0.0)
+        lowered = top.mul_(-scale)
         total = torch.zeros_like(top)
         for k, logit in enumerate(logits):
-            stat(k, total).add_(logit.sub_(stat(k, top)).exp_().sum(0))
+            torch.add(stat(k, lowered), logit, alpha=scale, out=logit).exp_()
+            stat(k, total).add_(logit.sum(0))
         ratio = activation / total
         starts = self._starts_for(node)
         parts = []

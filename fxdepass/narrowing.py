@@ -159,10 +159,12 @@ def real_shape(node: torch.fx.Node) -> list[sympy.Expr] | None:
     return shape_of(node.meta["fxdepass_real"])
 
 
-def _width(node: torch.fx.Node) -> Any:
-    """The last axis of a component node's real value."""
-    value = node.meta["fxdepass_real"].meta.get("val")
-    return value.shape[-1] if isinstance(value, torch.Tensor) else None
+def last_axis(node: Any) -> Any:
+    """The last axis of a node's value, the real value for a component node (``None`` for anything
+    that is not a tensor with axes)."""
+    real = node.meta.get("fxdepass_real", node) if isinstance(node, torch.fx.Node) else None
+    value = real.meta.get("val") if real is not None else None
+    return value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim else None
 
 
 def _call(graph: torch.fx.Graph, target: Any, args: tuple, kwargs: dict, like: torch.fx.Node) -> torch.fx.Node:
@@ -185,7 +187,7 @@ def _narrow(split: torch.fx.Node) -> int:
         views.append(source_node)
         source_node = source_node.args[1]
     found = projection(source_node)
-    if piece is None or found is None or len(source_node.users) != 1 or _width(source_node) != width:
+    if piece is None or found is None or len(source_node.users) != 1 or last_axis(source_node) != width:
         return 0  # the views must keep the projection's columns as the last axis, unchanged
     graph, (start, length) = split.graph, piece
     args = list(source_node.args)

@@ -40,6 +40,20 @@ def test_blocks_with_the_sink_at_a_block_boundary() -> None:
     assert relative_error(blocked.components, dense.components) <= 1e-12
 
 
+def test_blocks_give_rest_the_neurons_no_component_reaches() -> None:
+    """A neuron whose input weights and bias are zero has every component exactly zero: the blocked
+    softmax allocation must hand its activation to rest, as the dense rule does (never 0/0)."""
+    model = families.build("gpt2", layers=2, seed=4)
+    with torch.no_grad():
+        fc = model.transformer.h[0].mlp.c_fc
+        fc.weight[:, 5], fc.bias[5] = 0.0, 0.0
+    ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
+    expected = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, readout="layers")
+    got = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, readout="layers")
+    assert torch.isfinite(got.components).all()
+    assert relative_error(got.components, expected.components) <= 1e-12
+
+
 def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     encoder = fxdepass.compile(families.build("bert"), dtype=torch.float64, causal_blocks=4)
     ids = torch.randint(0, families.VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
