@@ -278,6 +278,18 @@ class DecomposedModel:
             inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         return {k: v for k, v in inputs.items() if k in self.input_names}
 
+    def prompt_inputs(self, input_ids: Any, attention_mask: Any = None) -> dict[str, torch.Tensor]:
+        """The model's inputs for a prompt, checked; ``input_ids`` becomes a [batch, length] long tensor.
+
+        >>> decomposed.prompt_inputs([5, 9, 2])["input_ids"].shape                        # doctest: +SKIP
+        torch.Size([1, 3])
+        """
+        return self._inputs(self._validate_ids(input_ids), attention_mask)
+
+    def locations_for(self, inputs: dict[str, torch.Tensor]) -> Locations:
+        """The :class:`~fxdepass.locations.Locations` of the graph captured for these model inputs."""
+        return self.locations_of(self._capture(inputs))
+
     def attribute(
         self,
         input_ids: Any,

@@ -235,7 +235,7 @@ def _decompose(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations,
     Readout names cannot address a head's output (the input of the output projection belongs to no
     module), so this generates the module directly rather than through ``DecomposedModel.attribute``.
     """
-    inputs = decomposed._inputs(ids)
+    inputs = decomposed.prompt_inputs(ids)
     prefix = getattr(decomposed.model, "base_model_prefix", "")
     module = build_module(where.captured, seed, seed.points(where), nodes, decomposed.policy, prefix)
     with torch.no_grad():
@@ -297,7 +297,7 @@ def _prune(weights: torch.Tensor, influence: torch.Tensor, fixed: torch.Tensor, 
 
 
 def _one_prompt(decomposed: DecomposedModel, input_ids: Any) -> torch.Tensor:
-    ids = decomposed._validate_ids(input_ids)
+    ids = decomposed.prompt_inputs(input_ids)["input_ids"]
     if ids.shape[0] != 1:
         raise InvalidInputError(f"build_graph() takes one prompt, got a batch of {ids.shape[0]}")
     return ids
@@ -358,7 +358,7 @@ def build_graph(
     >>> [graph.nodes[n]["label"] for n in graph.predecessors("target")][:3]             # doctest: +SKIP
     """
     ids = _one_prompt(decomposed, input_ids)
-    where = decomposed.locations_of(decomposed._capture(decomposed._inputs(ids)))
+    where = decomposed.locations_for(decomposed.prompt_inputs(ids))
     layers, heads = len(where.blocks), where.num_heads
     if not layers or not heads:
         raise FxDePassError(f"build_graph() needs transformer blocks with attention heads; found {layers} blocks")

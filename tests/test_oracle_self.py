@@ -27,23 +27,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+def _tiny_llama(seed: int, **extra):
+    """A float64 two-layer Llama with norm weights near one (and ``extra`` config fields)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
     model = transformers.LlamaForCausalLM(config).double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = _tiny_llama(0)
     input_ids = torch.randint(0, 64, (1, 10))
     return model, input_ids
 
@@ -112,25 +113,7 @@ def test_matches_paper_reference(fname, sink):
 
 
 def test_biases_go_to_rest_and_sum_exact():
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    model = transformers.LlamaForCausalLM(config).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
+    model = _tiny_llama(1, attention_bias=True, mlp_bias=True)
     input_ids = torch.randint(0, 64, (10,))
     out = depass_tokens_llama(model, input_ids, sink=True)
     N = input_ids.numel()
