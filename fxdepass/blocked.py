@@ -105,8 +105,6 @@ _NORMS = {layer_norm, rms_norm}
 _PASSING = {*VIEWS, aten.clone.default, aten.alias.default}
 
 
-
-
 @dataclasses.dataclass
 class NeuronRegion:
     """An MLP hidden layer that runs in neuron slices (Note [Neuron chunks])."""
@@ -571,34 +569,34 @@ class BlockedInterpreter(torch.fx.Interpreter):
         return k == 0 and self.rest_here
 
     def _run_routed(self, region: RoutedRegion) -> Blocks:
-        """The routed section's output, its rows run in chunks and added into their tokens (Note [Routed rows])."""
+        """The routed section's output, run in chunks of tokens and added into them (Note [Routed rows])."""
         permutation = self.env[region.permutation]
         rows = permutation.shape[0]
         if not bool((torch.bincount(permutation, minlength=rows) == 1).all()):
             raise FxDePassError(f"{region.unsort.name}: the routed rows are not put back by a permutation")
-        inverse = torch.empty_like(permutation)
-        inverse[permutation] = torch.arange(rows, device=permutation.device)
         per_token = int(real_shape(region.view)[1])
-        tokens = inverse // per_token  # routed row → its token
         total = self._residual_for(region.total)
         if total is not None and not total.parts[0].is_contiguous():
             total = None
         width = int(real_shape(region.total)[-1])
         out = total.parts[0].view(total.parts[0].shape[0], -1, width) if total is not None else None
-        chunk = max(1, int(CHUNK_SHARE * rows // per_token * width / max(int(real_shape(m)[-1]) for m in region.body)))
+        tokens = rows // per_token
+        chunk = max(1, int(CHUNK_SHARE * tokens * width / per_token / max(int(real_shape(m)[-1]) for m in region.body)))
         saved = {n: self.env[n] for n in [*region.sliced, *region.offsets]}
         try:
-            for start in range(0, rows, chunk):
-                size = min(chunk, rows - start)
+            for start in range(0, tokens, chunk):
+                # the chunk's routed rows, still sorted by expert, and their tokens
+                chosen, order = permutation[start * per_token:(start + chunk) * per_token].sort()
                 for node in region.sliced:
-                    self.env[node] = saved[node].narrow(0, start, size)
-                for node in region.offsets:
-                    self.env[node] = (saved[node] - start).clamp_(0, size)
+                    self.env[node] = saved[node].index_select(0, chosen)
+                for node in region.offsets:  # each expert's rows in the chunk, counted up
+                    counts = torch.bincount(torch.searchsorted(saved[node], chosen, right=True), minlength=len(saved[node]))
+                    self.env[node] = counts.cumsum(0).to(saved[node].dtype)
                 for member in region.body:
                     self.node = member
                     args, kwargs = self.fetch_args_kwargs_from_env(member)
-                    if member is region.body[0]:  # gathered row-major: the expert kernel reads rows without a copy
-                        self.env[member] = Blocks([args[1].parts[0].transpose(0, 1)[args[2][0]].transpose(0, 1)], [0])
+                    if member is region.body[0]:
+                        self.env[member] = Blocks([self._gather_rows(region, args[2][0])], [0])
                     else:
                         self.env[member] = self.call_function(member.target, args, kwargs)
                     for done in region.frees.get(member, ()):
@@ -606,12 +604,33 @@ class BlockedInterpreter(torch.fx.Interpreter):
                     del args, kwargs  # a chunk's values live only as long as their readers
                 part, self.env[region.body[-1]] = self.env[region.body[-1]].parts[0], None
                 if out is None:
-                    out = part.new_zeros(part.shape[0], rows // per_token, width)
-                out.index_add_(1, tokens[start:start + size], part)
+                    out = part.new_zeros(part.shape[0], tokens, width)
+                out.index_add_(1, start + order // per_token, part)
                 del part
         finally:
             self.env.update(saved)
         return total if total is not None else Blocks([out], [0])
+
+    def _gather_rows(self, region: RoutedRegion, index: torch.Tensor) -> torch.Tensor:
+        """The routed rows ``index`` of the region's source, row-major (the expert kernel reads rows
+        without a copy), with the prelude's scalings applied to them (Note [Norm on gathered rows])."""
+        components = self.env[region.source].parts[0]
+        shape = list(components.shape[1:])  # the real value's shape, flattened by the prelude's views
+        rows = components.reshape(components.shape[0], -1, shape[-1]).transpose(0, 1)[index].transpose(0, 1)
+        for member in region.prelude:
+            if component_op(member) in VIEWS:
+                shape = [-1, shape[-1]]
+                continue
+            op, *operands = self.fetch_args_kwargs_from_env(member)[0]
+            at = list(member.kwargs["in_dims"]).index(0)
+            real = operands[1 - at]
+            if isinstance(real, torch.Tensor) and real.ndim > 1:  # per token: its gathered rows
+                real = real.expand(*shape[:-1], real.shape[-1]).reshape(-1, real.shape[-1])[index]
+            if torch.result_type(rows, real) != rows.dtype:
+                rows = op(*((rows, real) if at == 0 else (real, rows)))
+            else:  # in place on the chunk's own rows (a product is the same either way round)
+                rows.mul_(real) if op is aten.mul.Tensor else rows.div_(real)
+        return rows
 
     def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict, with_bias: bool = False) -> None:
         """Add ``node``'s blocks to ``total`` one at a time (no second full-size value); a projection's

@@ -8,11 +8,23 @@ put them back in token order (a gather by the inverse permutation) and sum each 
 With components, every one of those values is ``k`` times the residual stream's size.  Between the
 two gathers every op acts on each routed row separately: the expert kernel (a row's expert is fixed
 by the frozen routing), the per-element activation allocation, products with real values taken row
-by row.  So the section runs exactly in chunks of routed rows: each chunk gathers its rows, runs the
-experts with the kernel's offsets shifted to the chunk, and adds its rows straight into their tokens
-(``index_add_``), which stands for the unsorting gather, the view into ``[tokens, k, d]`` and the sum
-together.  :func:`routed_regions` finds such sections in the generated graph; the blocked runner
-(fxdepass/blocked.py) runs them, so no value ``k`` times the residual's size exists in full.
+by row.  So the section runs exactly in chunks: each chunk takes a range of tokens, gathers their
+routed rows (still sorted by expert), runs the experts with the kernel's offsets recounted for the
+chunk, and adds its rows straight into their tokens (``index_add_``), which stands for the unsorting
+gather, the view into ``[tokens, k, d]`` and the sum together.  :func:`routed_regions` finds such
+sections in the generated graph; the blocked runner (fxdepass/blocked.py) runs them, so no value
+``k`` times the residual's size exists in full.
+
+Note [Norm on gathered rows]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The rows are gathered from the norm's output, one more residual-sized value held beside the residual
+stream for the whole section.  When only the gather reads that output, and the norm ends in scalings
+by real values (``x · rsqrt(mean x²)``, then ``· weight``) and views flattening the tokens, those ops
+(the *prelude*) are deferred: each chunk gathers its rows from the residual itself and scales them by
+the matching rows of the real factors, the same products on the same numbers, so the norm's output
+never exists.  The section's output is then summed into that same residual, which is safe because
+chunks are ranges of tokens: a token's rows are all gathered before anything is added to it, and no
+later chunk reads it.
 """
 from __future__ import annotations
 
@@ -28,12 +40,11 @@ from fxdepass.rules.routing import grouped_mm_fallback
 
 from .narrowing import ELEMENTWISE, VIEWS, component_op, real_shape, shape_of
 
-__all__ = ["CHUNK_SHARE", "RoutedRegion", "routed_regions"]
+__all__ = ["CHUNK_SHARE", "RoutedRegion", "components_input", "routed_regions"]
 
 aten = torch.ops.aten
-#: a chunk's widest value relative to the section's output: with the residual and the experts' input
-#: held, an eighth keeps the section within 2.5 residuals (Mixtral-small, N = 256: 2.16 s against
-#: 2.08 s for a quarter and 2.9 s for a half)
+#: a chunk's widest value relative to the section's output (Mixtral-small: a quarter is no faster at
+#: N = 256 and holds 0.2 residuals more at N = 16)
 CHUNK_SHARE = 0.125
 
 
@@ -53,10 +64,18 @@ class RoutedRegion:
     offsets: set[torch.fx.Node]
     #: body member → the members whose last reader it is
     frees: dict[torch.fx.Node, list[torch.fx.Node]]
+    #: the per-token scalings and flattening views the gather reads through, in graph order (run on each
+    #: chunk's gathered rows, Note [Norm on gathered rows]); empty: the gather reads its input as it is
+    prelude: list[torch.fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def members(self) -> list[torch.fx.Node]:
-        return [*self.body, self.unsort, self.view, self.total]
+        return [*self.prelude, *self.body, self.unsort, self.view, self.total]
+
+    @property
+    def source(self) -> torch.fx.Node:
+        """The component node the chunks gather their rows from."""
+        return components_input(self.prelude[0]) if self.prelude else self.body[0].args[1]
 
     @property
     def permutation(self) -> torch.fx.Node:
@@ -101,7 +120,34 @@ def _region(total: torch.fx.Node) -> RoutedRegion | None:
     frees: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for member in body[:-1]:
         frees.setdefault(max(member.users, key=order.get), []).append(member)
-    return RoutedRegion(body, unsort, view, total, sliced, offsets, frees)
+    return RoutedRegion(body, unsort, view, total, sliced, offsets, frees, _prelude(body[0]))
+
+
+def _prelude(gather: torch.fx.Node) -> list[torch.fx.Node]:
+    """The chain of per-token scalings (a product or quotient of the components by a real value) and
+    flattening views into ``[tokens, width]`` that only ``gather`` reads, in graph order."""
+    chain, node = [], gather.args[1]
+    while isinstance(node, torch.fx.Node) and len(node.users) == 1 and (_scaling(node) or _flattening(node)):
+        chain.append(node)
+        node = components_input(node)
+    return chain[::-1]
+
+
+def components_input(node: torch.fx.Node) -> torch.fx.Node:
+    """The component node ``node`` reads (the first, for a node reading several)."""
+    return next(a for a in node.all_input_nodes if "fxdepass_real" in a.meta)
+
+
+def _scaling(node: torch.fx.Node) -> bool:
+    in_dims = tuple(node.kwargs.get("in_dims", ()))
+    scales = ((component_op(node) is aten.mul.Tensor and sorted(in_dims, key=str) == [0, None])
+              or (component_op(node) is aten.div.Tensor and in_dims == (0, None)))
+    return scales and real_shape(node) == real_shape(components_input(node))
+
+
+def _flattening(node: torch.fx.Node) -> bool:
+    shape, source = real_shape(node), real_shape(node.args[1]) if component_op(node) in VIEWS else None
+    return source is not None and shape is not None and len(shape) == 2 and shape[-1] == source[-1]
 
 
 def _body(last: Any, rows: sympy.Expr) -> list[torch.fx.Node] | None:

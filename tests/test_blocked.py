@@ -117,6 +117,10 @@ def test_expert_neuron_slices_equal_the_plain_module(family: str) -> None:
     experts = [n for n in neuron_regions(module) if "experts" in n.name]
     assert len(experts) == 2  # each layer's experts can run in neuron slices
     assert len(routed_regions(module)) == 2  # and each layer's routed rows in chunks (Note [Routed rows])
+    # gathered from the residual, the norm applied to each chunk's rows (Note [Norm on gathered rows]);
+    # not where a shared expert reads the norm's output too (Qwen2-MoE)
+    preludes = [len(r.prelude) >= 2 for r in routed_regions(module).values()]
+    assert preludes == [family != "qwen2_moe"] * 2
 
 
 @pytest.mark.parametrize("family", families.MOE)
