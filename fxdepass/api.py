@@ -6,6 +6,7 @@ import functools
 import warnings
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx
 
@@ -409,7 +410,8 @@ class DecomposedModel:
                         components: int, sliced: bool = False) -> int:
         """Estimated peak bytes of one decomposed pass: the largest components tensor, held about three
         times (an input, the output, a temporary).  ``sliced``: MLP hidden layers run in neuron slices
-        (Note [Neuron chunks]) and do not count."""
+        (Note [Neuron chunks]) and do not count, nor do values whose size depends on the data (the rows
+        routed to one expert), unknown before the run."""
         sliced = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
@@ -418,10 +420,10 @@ class DecomposedModel:
             real = node.meta.get("fxdepass_real") if node not in sliced else None
             value = real.meta.get("val") if real is not None else None
             if isinstance(value, torch.Tensor):
-                numel = 1
-                for size in value.shape:
-                    numel *= int(size.node.expr.subs(symbols)) if isinstance(size, torch.SymInt) else int(size)
-                largest = max(largest, numel)
+                numel = sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
+                numel = numel.subs(symbols)
+                if not numel.free_symbols:
+                    largest = max(largest, int(numel))
         return 3 * components * largest * torch.finfo(self.dtype).bits // 8
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,

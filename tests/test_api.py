@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import families
 import fxdepass
@@ -173,3 +174,20 @@ def test_unsupported_op_is_reported_at_compile_time() -> None:
     assert "model.layers.1.mlp.act_fn" in message
     assert "return torch.atan(x)" in message          # the source line
     assert "register_rule" in message and "deflinear" in message
+
+
+def test_memory_estimate_leaves_out_data_dependent_sizes() -> None:
+    """JetMoE's experts run on as many rows as routing sends them, a size the export leaves symbolic
+    (unbacked): the memory estimate skips those values instead of failing, and the attribution is exact."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.JetMoeConfig(vocab_size=families.VOCAB, hidden_size=32, intermediate_size=48, kv_channels=8,
+                                       num_key_value_heads=2, num_local_experts=4, num_hidden_layers=2)
+    torch.manual_seed(0)
+    decomposed = fxdepass.compile(transformers.JetMoeForCausalLM(config).eval(), dtype=torch.float64)
+    ids = torch.randint(0, families.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    captured = next(iter(decomposed._captures.values()))
+    module = decomposed._module(captured, fxdepass.tokens(), ("logits",))[0]
+    values = [n.meta.get("val") for n in module.graph.nodes]
+    assert any(free_unbacked_symbols(v) for v in values if isinstance(v, torch.Tensor))  # the data-dependent size
+    assert decomposed.estimate_memory(module, captured, ids, ids.shape[1] + 1) > 0
+    assert decomposed.attribute(ids).reconstruction_error() <= 1e-9
