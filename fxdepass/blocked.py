@@ -578,6 +578,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
         total = self._residual_for(region.total)
         if total is not None and not total.parts[0].is_contiguous():
             total = None
+        if total is not None and region.prelude and not self._rows_from_own_tokens(region, permutation, per_token):
+            total = None  # the chunks gather from this residual: adding into it must wait (Note [Norm on gathered rows])
         width = int(real_shape(region.total)[-1])
         out = total.parts[0].view(total.parts[0].shape[0], -1, width) if total is not None else None
         tokens = rows // per_token
@@ -610,6 +612,12 @@ class BlockedInterpreter(torch.fx.Interpreter):
         finally:
             self.env.update(saved)
         return total if total is not None else Blocks([out], [0])
+
+    def _rows_from_own_tokens(self, region: RoutedRegion, permutation: torch.Tensor, per_token: int) -> bool:
+        """Whether every routed row is gathered from the token it is added back into."""
+        inverse = torch.empty_like(permutation)
+        inverse[permutation] = torch.arange(permutation.shape[0], device=permutation.device)
+        return torch.equal(self.env[region.body[0].args[2][0]], inverse // per_token)
 
     def _gather_rows(self, region: RoutedRegion, index: torch.Tensor) -> torch.Tensor:
         """The routed rows ``index`` of the region's source, row-major (the expert kernel reads rows

@@ -23,8 +23,9 @@ by real values (``x · rsqrt(mean x²)``, then ``· weight``) and views flatteni
 (the *prelude*) are deferred: each chunk gathers its rows from the residual itself and scales them by
 the matching rows of the real factors, the same products on the same numbers, so the norm's output
 never exists.  The section's output is then summed into that same residual, which is safe because
-chunks are ranges of tokens: a token's rows are all gathered before anything is added to it, and no
-later chunk reads it.
+chunks are ranges of tokens and each row is gathered from the token it is added back into (checked
+before the run; else the output is summed apart): a token's rows are all gathered before anything
+is added to it, and no later chunk reads it.
 """
 from __future__ import annotations
 
