@@ -83,7 +83,8 @@ from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
 from .errors import FxDePassError
-from .narrowing import ELEMENTWISE, VIEWS, Projection, component_op, last_axis, project_into, projection, real_shape
+from .narrowing import (ELEMENTWISE, VIEWS, Projection, component_inputs, component_op, last_axis, project_into,
+                        projection, real_shape, scaled_components)
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
@@ -93,8 +94,6 @@ aten = torch.ops.aten
 #: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
 #: memory, narrower ones re-read the input and re-write the output once more per slice
 SLICE_WIDTH = 0.5
-#: ops that scale components by a real value, elementwise
-_SCALINGS = {aten.mul.Tensor, aten.div.Tensor}
 #: component ops whose result is a fresh tensor: readers of a residual that leave it free to update
 _FRESH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 #: chunks of components a one-block stretch from the residual to its output projection runs in
@@ -194,11 +193,7 @@ def _overwritten(node: torch.fx.Node) -> torch.fx.Node | None:
     a scaling of components by a real value."""
     if node.target is allocate and node.kwargs.get("mode", "softmax") == "softmax":
         return node.args[0]
-    if component_op(node) in _SCALINGS and tuple(node.kwargs["in_dims"]) == (0, None):
-        return node.args[1]
-    if component_op(node) is aten.mul.Tensor and tuple(node.kwargs["in_dims"]) == (None, 0):
-        return node.args[2]
-    return None
+    return scaled_components(node)
 
 
 def _scaling_in_place(node: torch.fx.Node) -> bool:
@@ -370,7 +365,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
                 member = todo.pop()
                 if member is residual or member in members:
                     continue
-                sources = [a for a in member.all_input_nodes if "fxdepass_real" in a.meta]
+                sources = component_inputs(member)
                 per_component = component_op(member) is not None or member.target in _NORMS or member.target is scaled_dot_product_attention
                 reaches = bool(sources) and per_component and member not in self.regions and member not in self.routed
                 members.append(member)

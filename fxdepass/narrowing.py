@@ -36,8 +36,9 @@ from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
 from fxdepass.seeds import split_features
 
-__all__ = ["PROJECTIONS", "VIEWS", "ELEMENTWISE", "Projection", "component_op", "projection", "narrow_fused_projections", "project_into",
-           "fuse_seeded_projections", "project_feature_groups", "real_shape", "shape_of"]
+__all__ = ["PROJECTIONS", "VIEWS", "ELEMENTWISE", "Projection", "component_op", "component_inputs", "scaled_components",
+           "projection", "narrow_fused_projections", "project_into", "fuse_seeded_projections", "project_feature_groups",
+           "real_shape", "shape_of", "last_axis"]
 
 aten = torch.ops.aten
 #: linear maps with a constant weight: op → (features argument, weight argument, weight's output
@@ -54,6 +55,21 @@ def component_op(node: Any) -> Any:
     """The ATen op a generated ``linear_map`` component node applies, else ``None``."""
     is_map = isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is linear_map
     return node.args[0] if is_map else None
+
+
+def component_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The component nodes ``node`` reads (those carrying a real value beside them)."""
+    return [a for a in node.all_input_nodes if "fxdepass_real" in a.meta]
+
+
+def scaled_components(node: Any) -> torch.fx.Node | None:
+    """The components ``node`` multiplies or divides elementwise by a real value, else ``None``."""
+    in_dims = tuple(node.kwargs.get("in_dims", ())) if component_op(node) is not None else ()
+    if component_op(node) in (aten.mul.Tensor, aten.div.Tensor) and in_dims == (0, None):
+        return node.args[1]
+    if component_op(node) is aten.mul.Tensor and in_dims == (None, 0):
+        return node.args[2]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

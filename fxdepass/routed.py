@@ -39,9 +39,9 @@ import torch.fx
 from fxdepass.rules.activations import allocate
 from fxdepass.rules.routing import grouped_mm_fallback
 
-from .narrowing import ELEMENTWISE, VIEWS, component_op, real_shape, shape_of
+from .narrowing import ELEMENTWISE, VIEWS, component_inputs, component_op, real_shape, scaled_components, shape_of
 
-__all__ = ["CHUNK_SHARE", "RoutedRegion", "components_input", "routed_regions"]
+__all__ = ["CHUNK_SHARE", "RoutedRegion", "routed_regions"]
 
 aten = torch.ops.aten
 #: a chunk's widest value relative to the section's output (Mixtral-small: a quarter is no faster at
@@ -76,7 +76,7 @@ class RoutedRegion:
     @property
     def source(self) -> torch.fx.Node:
         """The component node the chunks gather their rows from."""
-        return components_input(self.prelude[0]) if self.prelude else self.body[0].args[1]
+        return component_inputs(self.prelude[0])[0] if self.prelude else self.body[0].args[1]
 
     @property
     def permutation(self) -> torch.fx.Node:
@@ -130,20 +130,13 @@ def _prelude(gather: torch.fx.Node) -> list[torch.fx.Node]:
     chain, node = [], gather.args[1]
     while isinstance(node, torch.fx.Node) and len(node.users) == 1 and (_scaling(node) or _flattening(node)):
         chain.append(node)
-        node = components_input(node)
+        node = component_inputs(node)[0]
     return chain[::-1]
 
 
-def components_input(node: torch.fx.Node) -> torch.fx.Node:
-    """The component node ``node`` reads (the first, for a node reading several)."""
-    return next(a for a in node.all_input_nodes if "fxdepass_real" in a.meta)
-
-
 def _scaling(node: torch.fx.Node) -> bool:
-    in_dims = tuple(node.kwargs.get("in_dims", ()))
-    scales = ((component_op(node) is aten.mul.Tensor and sorted(in_dims, key=str) == [0, None])
-              or (component_op(node) is aten.div.Tensor and in_dims == (0, None)))
-    return scales and real_shape(node) == real_shape(components_input(node))
+    source = scaled_components(node)
+    return source is not None and real_shape(node) == real_shape(source)
 
 
 def _flattening(node: torch.fx.Node) -> bool:
@@ -162,7 +155,7 @@ def _body(last: Any, rows: sympy.Expr) -> list[torch.fx.Node] | None:
         if not shape or shape[0] != rows:
             return None
         body.append(node)
-        inputs = [a for a in node.all_input_nodes if "fxdepass_real" in a.meta]
+        inputs = component_inputs(node)
         if component_op(node) is aten.index.Tensor and len(node.args[2]) == 1 and tuple(node.kwargs["in_dims"])[0] == 0:
             source = real_shape(node.args[1])
             if source is not None and source[0] != rows:  # the gather into routed rows: the body starts here
