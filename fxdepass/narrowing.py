@@ -266,18 +266,31 @@ def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, b
     if isinstance(groups, int):
         groups = tuple(tuple(range(g * width // groups, (g + 1) * width // groups)) for g in range(groups))
     groups = [list(dict.fromkeys(i % width for i in group)) for group in groups]
-    longest = max(len(group) for group in groups)
-    # features padded with one zero column, which short groups index to fill their rows
-    index = torch.tensor([group + [width] * (longest - len(group)) for group in groups], device=value.device)
-    rest = sorted(set(range(width)).difference(*groups))
     rows = value.reshape(-1, width)
-    padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
     out = rows.new_empty(len(groups) + 1, rows.shape[0], weight.shape[1])
-    padded_weight = torch.cat((weight, weight.new_zeros(1, weight.shape[1])))
-    torch.bmm(padded[:, index].movedim(1, 0), padded_weight[index], out=out[:-1])
-    if rest:
+    tile = _tile(groups)
+    if tile:  # consecutive equal ranges (heads): views of the features and weight rows, no copy
+        covered = len(groups) * tile
+        torch.bmm(rows[:, :covered].reshape(-1, len(groups), tile).transpose(0, 1),
+                  weight[:covered].reshape(len(groups), tile, -1), out=out[:-1])
+        rest: slice | list[int] = slice(covered, width)
+    else:
+        longest = max(len(group) for group in groups)
+        # short groups are padded with a zero feature column (and any weight row: it meets only zeros)
+        index = torch.tensor([group + [width] * (longest - len(group)) for group in groups], device=value.device)
+        padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
+        torch.bmm(padded[:, index].movedim(1, 0), weight[index.clamp(max=width - 1)], out=out[:-1])
+        rest = sorted(set(range(width)).difference(*groups))
+    if rows[:, rest].shape[1]:
         torch.mm(rows[:, rest], weight[rest], out=out[-1])
     else:
         out[-1].zero_()
     out = out.reshape(len(groups) + 1, *value.shape[:-1], weight.shape[1])
     return out if bias is None else add_to_rest(out, bias)
+
+
+def _tile(groups: list[list[int]]) -> int:
+    """The width of groups that are consecutive equal ranges from feature 0 (0 if they are not)."""
+    tile = len(groups[0])
+    expected = [list(range(g * tile, (g + 1) * tile)) for g in range(len(groups))]
+    return tile if tile and groups == expected else 0

@@ -1,10 +1,12 @@
 """Shared test set-up: the tests folder on sys.path, torch thread settings, the paper fixtures path."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +23,15 @@ PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """max |value − reference| / max |reference|."""
     return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (a folder of scripts, not a package) under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"fxdepass_tools_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # results come back from worker processes pickled by module name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -5,24 +5,11 @@ family is then its own test, failing with the report's reason.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
+from conftest import load_tool
 
-def _tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (a folder of scripts, not a package) under a name of its own."""
-    spec = importlib.util.spec_from_file_location(f"fxdepass_tools_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # results come back from the worker processes pickled by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-coverage = _tool("coverage")
+coverage = load_tool("coverage")
 
 #: The families of the architecture-breadth issue, plus a few more of each kind.
 FAMILIES = (

@@ -8,7 +8,7 @@ import torch
 import families
 import fxdepass
 import fxdepass.rewrite
-from conftest import relative_error
+from conftest import load_tool, relative_error
 
 
 @pytest.mark.parametrize("length", [7, 40])  # 40 tokens: the causal-block path
@@ -40,7 +40,8 @@ _PROJECTIONS = {  # op → (weight shape for 10 inputs and 3 outputs, whether th
 
 
 @pytest.mark.parametrize("op", list(_PROJECTIONS))
-@pytest.mark.parametrize("groups", [2, ((0, 1, 2), (5,), (-1, 7)), ((0, 1), (1, 2, 2))])  # heads; uneven with rest; overlapping
+# heads; consecutive ranges with rest; uneven with rest; overlapping
+@pytest.mark.parametrize("groups", [2, ((0, 1, 2), (3, 4, 5)), ((0, 1, 2), (5,), (-1, 7)), ((0, 1), (1, 2, 2))])
 def test_feature_groups_projected_equal_the_split_then_projected(op: object, groups: object) -> None:
     """Note [Seeded projections]: the fused product equals split_features then the projection's rule."""
     from fxdepass.narrowing import project_feature_groups
@@ -62,6 +63,19 @@ def test_feature_groups_projected_equal_the_split_then_projected(op: object, gro
     got = project_feature_groups(op, value, weight, bias, groups=groups)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("op", [torch.ops.aten.linear.default, torch.ops.aten.mm.default])
+def test_head_groups_are_projected_without_copying_the_weight(op: object) -> None:
+    """Heads are consecutive equal feature ranges: their weight rows are views, so the projection holds
+    its output and nothing of the weight's size (a gather of the rows would copy the whole weight)."""
+    from fxdepass.narrowing import project_feature_groups
+
+    value = torch.randn(8, 64)
+    weight = torch.randn(1024, 64) if op is torch.ops.aten.linear.default else torch.randn(64, 1024)
+    out_bytes = 5 * 8 * 1024 * 4
+    peak = load_tool("bench").allocator_peak(lambda: project_feature_groups(op, value, weight, groups=4))
+    assert out_bytes <= peak < out_bytes + weight.numel()  # a quarter of the weight's bytes
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
