@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from .errors import CaptureError
 
@@ -146,12 +147,17 @@ def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Ten
         elif placeholders[name].users:
             raise CaptureError(f"captured graph uses input {name!r} that fxdepass does not feed")
     output_node = next(n for n in graph.nodes if n.op == "output")
-    flat = list(output_node.args[0])
-    context = program.call_spec.out_spec.context
-    names = list(context) if isinstance(context, list) and len(context) == len(flat) else [str(i) for i in range(len(flat))]
-    outputs = {name: node for name, node in zip(names, flat) if isinstance(node, torch.fx.Node)}
+    structured = pytree.tree_unflatten(list(output_node.args[0]), program.call_spec.out_spec)
+    outputs = {_output_name(path): node for path, node in pytree.tree_flatten_with_path(structured)[0]
+               if isinstance(node, torch.fx.Node)}
     shape = placeholders["input_ids"].meta["val"].shape
     return CapturedModel(graph, tensors, inputs, outputs, shape[0], shape[1], dynamic)
+
+
+def _output_name(path: tuple) -> str:
+    """An output's name from its place in the model's output: ``logits``, ``mems.0`` (a tuple inside an
+    output), ``0`` (a plain tuple)."""
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path)
 
 
 def cast_floats(graph: torch.fx.Graph, dtype: torch.dtype) -> None:

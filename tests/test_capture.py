@@ -43,3 +43,14 @@ def test_capture_failure_is_a_clear_error() -> None:
         assert "eager" in str(error)
     else:
         raise AssertionError("expected a CaptureError")
+
+
+def test_outputs_are_named_by_their_place_in_the_model_output() -> None:
+    """XLNet returns its logits beside a tuple of memories: each output is named by its path, so the
+    logits are found (before, the names fell back to positions when the output had nested tuples)."""
+    import transformers
+
+    config = transformers.XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64, mem_len=4)
+    model = transformers.XLNetLMHeadModel(config).eval()
+    captured = real_capture(model, {"input_ids": torch.randint(0, 64, (1, 6))}, dynamic=False)  # XLNet specialises its shapes
+    assert set(captured.outputs) == {"logits", "mems.0", "mems.1"}

@@ -20,6 +20,8 @@ FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
     # Hybrid linear attention whose fused projection is viewed into heads before the split (not narrowable).
     "qwen3_next",
+    # Outputs nested in tuples (XLNet's mems beside its logits).
+    "xlnet",
     # Bidirectional encoders.
     "bert", "distilbert", "electra",
 )
