@@ -21,8 +21,10 @@ from .errors import (
     ReconstructionError,
 )
 from .locations import Locations
+from .narrowing import last_axis
 from .readouts import readout_nodes
 from .rewrite import Policy, build_module
+from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from fxdepass.rules.activations import ALLOCATIONS
 from fxdepass.rules.linear import linear_map
@@ -63,6 +65,8 @@ class Attribution:
     positions: list[int] | None = None
     #: the token ids of the last axis when only target rows of the head were computed
     vocabulary: torch.Tensor | None = None
+    #: the peak bytes (weights excluded) the memory guard estimated for the pass, before running it
+    memory_estimate: int | None = None
 
     def scores(self, target: int | Sequence[int] | torch.Tensor | None = None, position: int = -1) -> torch.Tensor:
         """Each component's contribution to the ``target`` logit at ``position``.
@@ -347,7 +351,9 @@ class DecomposedModel:
         sliced = (isinstance(captured.sequence_length, torch.SymInt) and ids.shape[0] == 1 and not self.torch_compile
                   and bool(neuron_regions(module)))
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
-        self._check_memory(module, captured, ids, blocked, sliced, memory_limit, len(labels) if labels else ids.shape[1] + 1)
+        routed = sliced and not blocked and not restrict  # the runner's routed chunks (fxdepass/blocked.py)
+        estimate = self._check_memory(module, captured, ids, blocked, sliced, routed, memory_limit,
+                                      len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
                 blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
@@ -369,12 +375,14 @@ class DecomposedModel:
             start += count
             if name == "layers":
                 total, components = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-                results[name] = Attribution(components, total, labels, ids, name, target_tensor, component_axis=1)
+                results[name] = Attribution(components, total, labels, ids, name, target_tensor, component_axis=1,
+                                            memory_estimate=estimate)
                 continue
             total, components = pairs[0]
             if last_position and total.shape[1] != 1:  # not restricted while computing: select now
                 total, components = total[:, -1:], components[:, :, -1:]
-            results[name] = Attribution(components, total, labels, ids, name, target_tensor, positions=positions)
+            results[name] = Attribution(components, total, labels, ids, name, target_tensor, positions=positions,
+                                        memory_estimate=estimate)
         if head is not None:
             hidden = results["hidden"]
             weight, bias = head  # parameters: detached, results carry no autograd graph
@@ -382,7 +390,7 @@ class DecomposedModel:
             components = linear_map(torch.ops.aten.linear.default, hidden.components, *rows, in_dims=(0, None, None))
             total = torch.nn.functional.linear(hidden.total, *rows)
             results["logits"] = Attribution(components, total, labels, ids, "logits", target_tensor, positions=positions,
-                                            vocabulary=target_tensor)
+                                            vocabulary=target_tensor, memory_estimate=estimate)
         self._check(results, module, arguments, strict)
         return results[names[0]] if isinstance(readout, str) else {n: results[n] for n in names}
 
@@ -407,29 +415,38 @@ class DecomposedModel:
         warnings.warn("fxdepass: " + message, stacklevel=3)
 
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
-                        components: int, sliced: bool = False) -> int:
-        """Estimated peak bytes of one decomposed pass: the largest components tensor, held about three
-        times (an input, the output, a temporary).  ``sliced``: MLP hidden layers run in neuron slices
-        (Note [Neuron chunks]) and do not count, nor do values whose size depends on the data (the rows
-        routed to one expert), unknown before the run."""
-        sliced = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
+                        components: int, sliced: bool = False, routed: bool = False) -> int:
+        """Estimated peak bytes of one decomposed pass: the largest components tensor and the largest real
+        tensor, each held about three times (an input, the output, a temporary).  ``sliced``: MLP hidden
+        layers run in neuron slices (Note [Neuron chunks]) and do not count; ``routed``: nor do routed
+        rows, run in chunks (Note [Routed rows]).  A projection narrowed to the columns that are read
+        counts those; values whose size depends on the data (the rows routed to one expert) are left out,
+        unknown before the run.
+
+        >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
+        50331648
+        """
+        chunked = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
+        if routed:
+            chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
-        largest = 0
+        largest_components = largest_real = 0
         for node in module.graph.nodes:
-            real = node.meta.get("fxdepass_real") if node not in sliced else None
-            value = real.meta.get("val") if real is not None else None
-            if isinstance(value, torch.Tensor):
-                numel = sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
-                numel = numel.subs(symbols)
-                if not numel.free_symbols:
-                    largest = max(largest, int(numel))
-        return 3 * components * largest * torch.finfo(self.dtype).bits // 8
+            real = node.meta.get("fxdepass_real")
+            if real is None:  # the real forward's values that grow with the prompt (not weights nor their views)
+                largest_real = max(largest_real, _numel(node, symbols, growing=True))
+            elif node not in chunked:
+                columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
+                share = columns / last_axis(real) if columns is not None else 1
+                largest_components = max(largest_components, int(_numel(real, symbols) * share))
+        return 3 * (components * largest_components + largest_real) * torch.finfo(self.dtype).bits // 8
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
-                      sliced: bool, limit: int | None, components: int) -> None:
+                      sliced: bool, routed: bool, limit: int | None, components: int) -> int:
+        """The estimated peak bytes of the pass; raises if they are above ``limit``."""
         limit = _available_memory() * 8 // 10 if limit is None else int(limit)
-        need = self.estimate_memory(module, captured, ids, components, sliced) * (0.6 if blocked else 1.0)
+        need = int(self.estimate_memory(module, captured, ids, components, sliced, routed) * (0.6 if blocked else 1.0))
         if need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
             raise OutOfMemoryEstimateError(
@@ -437,6 +454,7 @@ class DecomposedModel:
                 f"about {fits} positions (token components) would fit; shorten the prompt, group tokens "
                 "(fxdepass.tokens(groups=...)), use last_position=True, or raise memory_limit"
             )
+        return need
 
     def _linear_head(self, captured: CapturedModel) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) when the logits are a plain linear map of the ``"hidden"`` readout, else ``None``."""
@@ -593,6 +611,19 @@ def compile(
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed
+
+
+def _numel(node: torch.fx.Node, symbols: dict, growing: bool = False) -> int:
+    """The number of elements of ``node``'s tensor value for these sizes (0 if it is not a tensor, if its
+    size depends on the data, or, ``growing``, if it does not depend on the sizes given)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return 0
+    numel = sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
+    if growing and not numel.free_symbols & set(symbols):
+        return 0
+    numel = numel.subs(symbols)
+    return 0 if numel.free_symbols else int(numel)
 
 
 def _available_memory() -> int:

@@ -212,10 +212,12 @@ def _narrow(split: torch.fx.Node) -> int:
             if position is not None:
                 args[position] = _call(graph, torch.narrow, (args[position], along, start, length), {}, args[position])
         narrowed = _call(graph, source_node.target, tuple(args), dict(source_node.kwargs), source_node)
+    narrowed.meta["fxdepass_columns"] = length  # of its real value's (the memory estimate reads it)
     for view in reversed(views):
         with graph.inserting_before(view):
             shape = [*view.args[2][:-1], length]
             narrowed = _call(graph, linear_map, (view.args[0], narrowed, shape, *view.args[3:]), dict(view.kwargs), view)
+            narrowed.meta["fxdepass_columns"] = length
     narrowed.meta["fxdepass_real"] = next(iter(split.users)).meta["fxdepass_real"]  # the piece: same shape
     for reader in list(split.users):
         reader.replace_all_uses_with(narrowed)

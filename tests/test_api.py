@@ -9,7 +9,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import families
 import fxdepass
-from conftest import relative_error
+from conftest import load_tool, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,20 @@ def test_unsupported_op_is_reported_at_compile_time() -> None:
     assert "model.layers.1.mlp.act_fn" in message
     assert "return torch.atan(x)" in message          # the source line
     assert "register_rule" in message and "deflinear" in message
+
+
+@pytest.mark.parametrize("family, seed", [("llama", fxdepass.tokens()), ("llama", fxdepass.heads(1)),
+                                          ("gpt2", fxdepass.tokens()), ("mixtral", fxdepass.tokens())])
+def test_memory_estimate_is_near_the_measured_peak(family: str, seed: object) -> None:
+    """The guard's estimate, made before the pass, against the allocator's peak during it: not below 3/4
+    of it (the guard would let a run through that does not fit) nor above 2.5 times (it would refuse runs
+    that fit; before it counted fused projections' unread columns and routed rows run in chunks)."""
+    model = families.build(family, layers=2)
+    ids = torch.randint(0, families.VOCAB, (1, 64), generator=torch.Generator().manual_seed(1))
+    decomposed = fxdepass.compile(model)
+    estimate = decomposed.attribute(ids, seed=seed, targets=[1], last_position=True).memory_estimate
+    peak = load_tool("bench").allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[1], last_position=True))
+    assert 0.75 * peak <= estimate <= 2.5 * peak
 
 
 def test_memory_estimate_leaves_out_data_dependent_sizes() -> None:

@@ -172,6 +172,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
         "compile_s": compile_time, "attribute_s": statistics.median(times), "forward_s": forward,
         "ratio": statistics.median(times) / forward, "forward_runs": len(forwards), "floor": flop_floor(family, size, n) if kind == "tokens" else None,
         "peak_rss": memory.peak - memory.base + weights, "allocated": allocated + weights, "forward_alone": alone + weights,
+        "estimate": attribution.memory_estimate + weights,
         "process_rss": memory.peak, "weights": weights,
         "budget": 2.5 * components * n * SIZES[size]["hidden"] * 4 + weights,
         "error": attribution.reconstruction_error(), "forward_scaled": copies != n,
@@ -268,19 +269,21 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "*allocator MB* the most bytes torch's CPU allocator held at once during one more attribution, from the "
         "profiler's memory events, plus the weights (Note [Allocator peak] in tools/bench.py): tensor memory, as "
         "`torch.cuda.max_memory_allocated` reports on a GPU; *forward(1) MB* the same for the plain model's forward "
-        "of the prompt alone (batch 1), reading the last position's logits as the attribution does; *budget* = 2.5·(M+1)·N·d·4 bytes + "
+        "of the prompt alone (batch 1), reading the last position's logits as the attribution does; *estimate MB* the "
+        "memory guard's estimate of the attribution's peak, made before the pass (`Attribution.memory_estimate`), plus "
+        "the weights; *budget* = 2.5·(M+1)·N·d·4 bytes + "
         "weights, M+1 the attribution's components. † the batched forward timed on M/8 copies and scaled by 8 (its "
         "cost is linear in the batch), to keep the run within 15 minutes.",
         "",
-        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | budget MB | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | estimate MB | budget MB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else "—"
         lines.append(
             f"| {r['family']} | {r['size']} | {r['seed']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
             f"{r['forward_s']:.2f}{'†' if r.get('forward_scaled') else ''} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | "
-            f"{r['allocated'] * mb:.1f} | {r['forward_alone'] * mb:.1f} | {r['budget'] * mb:.1f} | "
+            f"{r['allocated'] * mb:.1f} | {r['forward_alone'] * mb:.1f} | {r['estimate'] * mb:.1f} | {r['budget'] * mb:.1f} | "
             f"{r['error']:.1e} |"
         )
     lines += ["", over_budget(rows)]
