@@ -426,21 +426,16 @@ class DecomposedModel:
         >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
         50331648
         """
-        chunked = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
-        if routed:
-            chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
-        largest_components = largest_real = 0
-        for node in module.graph.nodes:
-            real = node.meta.get("fxdepass_real")
-            if real is None:  # the real forward's values that grow with the prompt (not weights nor their views)
-                largest_real = max(largest_real, _numel(node, symbols, growing=True))
-            elif node not in chunked:
-                columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
-                share = columns / last_axis(real) if columns is not None else 1
-                largest_components = max(largest_components, int(_numel(real, symbols) * share))
-        return 3 * (components * largest_components + largest_real) * torch.finfo(self.dtype).bits // 8
+        component_sizes, real_sizes = _value_sizes(module, sliced, routed)
+
+        def largest(sizes: set[sympy.Expr], growing: bool = False) -> int:
+            found = [size.subs(symbols) for size in sizes if not growing or size.free_symbols & set(symbols)]
+            return max([int(size) for size in found if not size.free_symbols], default=0)  # unbacked: unknown
+
+        total = components * largest(component_sizes) + largest(real_sizes, growing=True)
+        return 3 * total * torch.finfo(self.dtype).bits // 8
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
                       sliced: bool, routed: bool, limit: int | None, components: int) -> int:
@@ -613,17 +608,33 @@ def compile(
     return decomposed
 
 
-def _numel(node: torch.fx.Node, symbols: dict, growing: bool = False) -> int:
-    """The number of elements of ``node``'s tensor value for these sizes (0 if it is not a tensor, if its
-    size depends on the data, or, ``growing``, if it does not depend on the sizes given)."""
+def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> tuple[set[sympy.Expr], set[sympy.Expr]]:
+    """The distinct element counts (in the graph's size symbols) of the components values that exist in
+    full, and of the real values; found once per module and runner (see ``estimate_memory``)."""
+    key = ("value_sizes", sliced, routed)
+    if key not in module.meta:
+        chunked = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
+        if routed:
+            chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
+        component_sizes, real_sizes = set(), set()
+        for node in module.graph.nodes:
+            real = node.meta.get("fxdepass_real")
+            if real is None:
+                real_sizes.add(_numel(node))
+            elif node not in chunked:
+                columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
+                share = sympy.Rational(columns, last_axis(real)) if columns is not None else 1
+                component_sizes.add(_numel(real) * share)
+        module.meta[key] = (component_sizes, real_sizes)
+    return module.meta[key]
+
+
+def _numel(node: torch.fx.Node) -> sympy.Expr:
+    """The number of elements of ``node``'s tensor value, in the graph's size symbols (0 if not a tensor)."""
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
-        return 0
-    numel = sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
-    if growing and not numel.free_symbols & set(symbols):
-        return 0
-    numel = numel.subs(symbols)
-    return 0 if numel.free_symbols else int(numel)
+        return sympy.Integer(0)
+    return sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
 
 
 def _available_memory() -> int:
