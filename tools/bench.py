@@ -31,8 +31,6 @@ SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024),
 LENGTHS = (16, 32, 64, 128, 256)
 #: N·d from which the batched forward is timed on N/8 copies and scaled (medium N ≥ 128)
 LARGE = 128 * 768
-#: seconds of batched forwards after which no more are timed (the median of those taken is used)
-QUICK_FORWARD = 5.0
 VOCAB = 8192
 
 
@@ -153,7 +151,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     forwards = []
     with torch.no_grad():
         model(batch[:2])
-        while len(forwards) < repeats and sum(forwards) < QUICK_FORWARD:  # the median of a few where quick
+        for _ in range(repeats):  # the median, as for the attribution: one slow or fast run does not set the ratio
             start = time.perf_counter()
             model(batch)
             forwards.append((time.perf_counter() - start) * n / copies)
@@ -170,7 +168,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     return {
         "family": family, "size": size, "n": n, "seed": kind, "components": components,
         "compile_s": compile_time, "attribute_s": statistics.median(times), "forward_s": forward,
-        "ratio": statistics.median(times) / forward, "forward_runs": len(forwards), "floor": flop_floor(family, size, n) if kind == "tokens" else None,
+        "ratio": statistics.median(times) / forward, "floor": flop_floor(family, size, n) if kind == "tokens" else None,
         "peak_rss": memory.peak - memory.base + weights, "allocated": allocated + weights, "forward_alone": alone + weights,
         "estimate": attribution.memory_estimate + weights,
         "process_rss": memory.peak, "weights": weights,
@@ -262,8 +260,7 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "",
         "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
         "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
-        "batch of M = N copies of the prompt (the median of 3 runs, or of those that fit in "
-        f"{QUICK_FORWARD:.0f} s), measured in the same process. *floor* = the matmul multiply-add count "
+        "batch of M = N copies of the prompt (the median of 3 runs), measured in the same process. *floor* = the matmul multiply-add count "
         "of the decomposed pass over that of the batched forward (see `flop_floor`). *RSS MB* is the process's "
         "resident memory the attribution adds above the level before it (sampled every 2 ms) plus the weights; "
         "*allocator MB* the most bytes torch's CPU allocator held at once during one more attribution, from the "
