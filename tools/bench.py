@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024),
          "medium": dict(hidden=768, layers=12, heads=12, intermediate=3072)}
 LENGTHS = (16, 32, 64, 128, 256)
-#: N·d from which the batched forward is timed on N/8 copies and scaled (medium N ≥ 128)
+#: N·d from which the batched forward is timed on N/SCALE copies and scaled (medium N ≥ 128)
 LARGE = 128 * 768
+SCALE = 16
 VOCAB = 8192
 
 
@@ -144,9 +145,9 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
             attribution = decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
             times.append(time.perf_counter() - start)
     components = attribution.components.shape[0]
-    # The forward's cost is linear in the batch: the largest are timed on an eighth of the copies (to
-    # keep `make bench` within its time budget) and scaled by 8; the report marks them.
-    copies = n // 8 if n * SIZES[size]["hidden"] >= LARGE else n
+    # The forward's cost is linear in the batch: the largest are timed on a sixteenth of the copies (to
+    # keep `make bench` within its time budget) and scaled by 16; the report marks them.
+    copies = n // SCALE if n * SIZES[size]["hidden"] >= LARGE else n
     batch = ids.expand(copies, n).contiguous()
     forwards = []
     with torch.no_grad():
@@ -269,7 +270,7 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "of the prompt alone (batch 1), reading the last position's logits as the attribution does; *estimate MB* the "
         "memory guard's estimate of the attribution's peak, made before the pass (`Attribution.memory_estimate`), plus "
         "the weights; *budget* = 2.5·(M+1)·N·d·4 bytes + "
-        "weights, M+1 the attribution's components. † the batched forward timed on M/8 copies and scaled by 8 (its "
+        f"weights, M+1 the attribution's components. † the batched forward timed on M/{SCALE} copies and scaled by {SCALE} (its "
         "cost is linear in the batch), to keep the run within 15 minutes.",
         "",
         "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | estimate MB | budget MB | error |",
