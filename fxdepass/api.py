@@ -10,7 +10,7 @@ import sympy
 import torch
 import torch.fx
 
-from .blocked import BlockedInterpreter, neuron_regions, supports_blocks
+from .blocked import BlockedInterpreter, neuron_regions, routes_in_chunks, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
 from .diagnose import diagnose
 from .errors import (
@@ -21,7 +21,7 @@ from .errors import (
     ReconstructionError,
 )
 from .locations import Locations
-from .narrowing import last_axis
+from .narrowing import last_axis, shape_of
 from .readouts import readout_nodes
 from .rewrite import Policy, build_module
 from .routed import routed_regions
@@ -351,12 +351,12 @@ class DecomposedModel:
         sliced = (isinstance(captured.sequence_length, torch.SymInt) and ids.shape[0] == 1 and not self.torch_compile
                   and bool(neuron_regions(module)))
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
-        routed = sliced and not blocked and not restrict  # the runner's routed chunks (fxdepass/blocked.py)
+        blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
+        routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner below will
         estimate = self._check_memory(module, captured, ids, blocked, sliced, routed, memory_limit,
                                       len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
-                blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)
                 outputs = runner.run(*arguments)
@@ -620,21 +620,18 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> tu
         for node in module.graph.nodes:
             real = node.meta.get("fxdepass_real")
             if real is None:
-                real_sizes.add(_numel(node))
+                real_sizes.add(_numel(shape_of(node)))
             elif node not in chunked:
                 columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
                 share = sympy.Rational(columns, last_axis(real)) if columns is not None else 1
-                component_sizes.add(_numel(real) * share)
+                component_sizes.add(_numel(shape_of(real)) * share)
         module.meta[key] = (component_sizes, real_sizes)
     return module.meta[key]
 
 
-def _numel(node: torch.fx.Node) -> sympy.Expr:
-    """The number of elements of ``node``'s tensor value, in the graph's size symbols (0 if not a tensor)."""
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return sympy.Integer(0)
-    return sympy.Mul(*[size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape])
+def _numel(shape: list[sympy.Expr] | None) -> sympy.Expr:
+    """The number of elements of a value of this shape (0 for a value that is not a tensor)."""
+    return sympy.Mul(*shape) if shape is not None else sympy.Integer(0)
 
 
 def _available_memory() -> int:

@@ -88,7 +88,7 @@ from .narrowing import (ELEMENTWISE, VIEWS, Projection, component_inputs, compon
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
-__all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "supports_blocks", "block_starts"]
+__all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "routes_in_chunks", "supports_blocks", "block_starts"]
 
 aten = torch.ops.aten
 #: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
@@ -214,6 +214,12 @@ class Blocks:
     starts: list[int]
 
 
+def routes_in_chunks(blocks: int, last_position_only: bool) -> bool:
+    """Whether a run with these settings takes routed sections in chunks of tokens (Note [Routed rows]):
+    in one block, with every position computed."""
+    return blocks == 1 and not last_position_only
+
+
 def block_starts(length: int, blocks: int) -> list[int]:
     """Start positions of ``blocks`` equal blocks of ``length`` token components."""
     blocks = max(1, min(blocks, length))
@@ -281,7 +287,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = self._tail(module) if last_position_only else set()
         # routed sections run in chunks of rows (one block only); their experts then need no neuron slices
-        routed = list(routed_regions(module).values()) if blocks == 1 and not last_position_only else []
+        routed = list(routed_regions(module).values()) if routes_in_chunks(blocks, last_position_only) else []
         self.routed = {m: r for r in routed for m in r.members}
         neurons = [r for r in neuron_regions(module).values() if not any(m in self.routed for m in r.members)]
         self.regions = {m: r for r in neurons for m in r.members}

@@ -283,8 +283,9 @@ def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, b
         padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
         torch.bmm(padded[:, index].movedim(1, 0), weight[index.clamp(max=width - 1)], out=out[:-1])
         rest = sorted(set(range(width)).difference(*groups))
-    if rows[:, rest].shape[1]:
-        torch.mm(rows[:, rest], weight[rest], out=out[-1])
+    rest_rows = rows[:, rest]
+    if rest_rows.shape[1]:
+        torch.mm(rest_rows, weight[rest], out=out[-1])
     else:
         out[-1].zero_()
     out = out.reshape(len(groups) + 1, *value.shape[:-1], weight.shape[1])

@@ -33,6 +33,8 @@ LENGTHS = (16, 32, 64, 128, 256)
 LARGE = 128 * 768
 SCALE = 16
 VOCAB = 8192
+#: the memory target: peak ≤ BUDGET · U + weights, U = (M+1)·N·d·4 bytes
+BUDGET = 2.5
 
 
 def build(family: str, size: str) -> torch.nn.Module:
@@ -173,7 +175,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
         "peak_rss": memory.peak - memory.base + weights, "allocated": allocated + weights, "forward_alone": alone + weights,
         "estimate": attribution.memory_estimate + weights,
         "process_rss": memory.peak, "weights": weights,
-        "budget": 2.5 * components * n * SIZES[size]["hidden"] * 4 + weights,
+        "budget": BUDGET * unit(components, n, size) + weights,
         "error": attribution.reconstruction_error(), "forward_scaled": copies != n,
     }
 
@@ -229,6 +231,11 @@ def growth(rows: list[dict]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
+def unit(components: int, n: int, size: str) -> int:
+    """U = (M+1)·N·d·4 bytes: the attribution's components of the residual stream in float32."""
+    return components * n * SIZES[size]["hidden"] * 4
+
+
 def over_budget(rows: list[dict]) -> str:
     """The rows whose allocator peak is above the budget, the peak and the plain forward's in units of
     U = (M+1)·N·d·4 bytes above the weights (the budget allows 2.5 U)."""
@@ -237,11 +244,11 @@ def over_budget(rows: list[dict]) -> str:
         return "Allocator peak above the budget: none."
 
     def units(r: dict, key: str) -> float:
-        return (r[key] - r["weights"]) / (r["components"] * r["n"] * SIZES[r["size"]]["hidden"] * 4)
+        return (r[key] - r["weights"]) / unit(r["components"], r["n"], r["size"])
 
     listed = [f"{r['family']} {r['size']} {r['seed']} N={r['n']} ({r['allocated'] / r['budget']:.2f}×: "
               f"{units(r, 'allocated'):.2f} U, the plain forward alone {units(r, 'forward_alone'):.2f} U)" for r in over]
-    text = ("Allocator peak above the budget, in U = (M+1)·N·d·4 bytes above the weights (the budget is 2.5 U): "
+    text = (f"Allocator peak above the budget, in U = (M+1)·N·d·4 bytes above the weights (the budget is {BUDGET} U): "
             + "; ".join(listed) + ".")
     if all(r["forward_alone"] > r["budget"] for r in over):
         text += (" In each of these the plain model's own forward of the prompt, reading only the last position's "
@@ -269,7 +276,7 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "`torch.cuda.max_memory_allocated` reports on a GPU; *forward(1) MB* the same for the plain model's forward "
         "of the prompt alone (batch 1), reading the last position's logits as the attribution does; *estimate MB* the "
         "memory guard's estimate of the attribution's peak, made before the pass (`Attribution.memory_estimate`), plus "
-        "the weights; *budget* = 2.5·(M+1)·N·d·4 bytes + "
+        f"the weights; *budget* = {BUDGET}·(M+1)·N·d·4 bytes + "
         f"weights, M+1 the attribution's components. † the batched forward timed on M/{SCALE} copies and scaled by {SCALE} (its "
         "cost is linear in the batch), to keep the run within 15 minutes.",
         "",
