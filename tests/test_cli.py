@@ -116,7 +116,7 @@ def test_fxdepass_errors_exit_1_with_their_message(model, extra: list[str], mess
 def test_console_script_exit_code() -> None:
     result = subprocess.run([sys.executable, "-m", "fxdepass.cli", "attribute", "/no/such/model", "--prompt", "x y"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and result.stderr.startswith("fxdepass: error: /no/such/model: not a Hugging Face")
+    assert result.returncode == 2 and result.stderr.startswith("fxdepass: error: '/no/such/model' is neither a model name")
 
 
 def test_minilm_cosine_similarity_is_attributed_exactly(capsys) -> None:
