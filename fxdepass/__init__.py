@@ -22,6 +22,8 @@ from .errors import (
     UnsupportedOpError,
 )
 from .models import load
+from .lens import LayerLens, layer_lens
+from .targets import Target as LogitTarget, diff, logprob
 from .graph import Target, build_graph, resolve_target, seed_graph
 from .seeds import (
     Custom,
@@ -43,6 +45,7 @@ from .seeds import (
 __all__ = [
     "compile", "load", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
     "build_graph", "seed_graph", "Target", "resolve_target", "export", "report",
+    "diff", "logprob", "LogitTarget", "layer_lens", "LayerLens",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
     "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",

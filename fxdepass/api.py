@@ -26,8 +26,8 @@ from .readouts import readout_nodes
 from .rewrite import Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
+from .targets import Predicted, Target, Token, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
-from fxdepass.rules.linear import linear_map
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
@@ -46,10 +46,12 @@ MIN_BLOCKS = 3
 class Attribution:
     """Components of a readout: ``components.sum(0)`` equals ``total``.
 
-    ``components`` has the component axis first (one per source, ``rest`` last) followed by the
-    readout's own shape (``[batch, positions, vocabulary]`` for logits); ``labels`` names each component.
+    ``components`` has the component axis first (one per source, ``rest`` last) followed by the readout's own
+    shape.  For the logits readout that is ``[batch, positions, 1]``: each prompt's target (``targets``, by
+    default the predicted token) at each read position (``positions``, by default the last); with
+    ``targets="all"`` the last axis is the whole vocabulary.  ``labels`` names each component.
 
-    >>> attribution.scores()             # logit contribution of each component to the argmax next token
+    >>> attribution.scores()             # each component's contribution to the target at the last position
     >>> attribution.reconstruction_error()   # max |Σ components − total| / max |total|
     """
 
@@ -58,56 +60,71 @@ class Attribution:
     labels: list[str]
     input_ids: torch.Tensor
     readout: str
-    targets: torch.Tensor | None = None
+    #: the logits readout's target of each prompt (:mod:`fxdepass.targets`); ``None``: the whole vocabulary
+    targets: list[Target] | None = None
     #: axis of ``components`` that indexes components (1 for the ``"layers"`` readout, else 0)
     component_axis: int = 0
-    #: the positions read out when not all (``last_position=True``)
+    #: the positions read out (``None``: all of them)
     positions: list[int] | None = None
-    #: the token ids of the last axis when only target rows of the head were computed
-    vocabulary: torch.Tensor | None = None
     #: the peak bytes (weights excluded) the memory guard estimated for the pass, before running it
     memory_estimate: int | None = None
+    #: one readable name per prompt of its target (``"' Paris'"``, ``"log p(' Paris')"``, …)
+    target_labels: list[str] | None = None
+    #: turns target specs (token strings, diff, logprob) into checked targets, for ``scores(target)``
+    resolve_target: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-    def scores(self, target: int | Sequence[int] | torch.Tensor | None = None, position: int = -1) -> torch.Tensor:
-        """Each component's contribution to the ``target`` logit at ``position``.
-
-        ``target`` defaults to the ``targets`` given to ``attribute`` or else the argmax of the real logits
-        there.  Shape ``[components]`` for one prompt, ``[components, batch]`` for several.
-        """
-        if self.readout != "logits":
-            raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
-        batch = self.total.shape[0]
+    def _position(self, position: int) -> int:
         length = self.input_ids.shape[1]
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise InvalidInputError(f"position must be an integer, got {position!r}")
         if not -length <= position < length:
             raise InvalidInputError(f"position {position} is outside a prompt of {length} tokens")
         position %= length
-        if self.positions is not None:
-            if position not in self.positions:
-                raise InvalidInputError(f"position {position} was not read out (only {self.positions})")
-            position = self.positions.index(position)
-        if target is None:
-            target = self.targets if self.targets is not None else self._ids(self.total[:, position].argmax(-1))
-        target = torch.as_tensor(target, device=self.total.device).reshape(-1).expand(batch)
-        column = self._columns(target)
-        at_position = self.components[:, :, position, :]
-        index = column.view(1, batch, 1).expand(at_position.shape[0], batch, 1)
-        picked = at_position.gather(-1, index).squeeze(-1)
+        if self.positions is None:
+            return position
+        if position not in self.positions:
+            raise InvalidInputError(f"position {position} was not read out (read: {self.positions}); "
+                                    "attribute(..., positions=[...]) or positions='all'")
+        return self.positions.index(position)
+
+    def scores(self, target: Any = None, position: int = -1) -> torch.Tensor:
+        """Each component's contribution to the target at ``position``: ``[components]`` for one prompt,
+        ``[components, batch]`` for several.
+
+        ``target`` defaults to the target the attribution was computed for; another (a token id or string,
+        ``fxdepass.diff``, ``fxdepass.logprob``, one per prompt as a list) needs ``targets="all"``, which
+        computed every logit, or must equal the computed one.
+
+        >>> attribution.scores()                       # the target given to attribute(), or the predicted token
+        >>> everything.scores(fxdepass.diff(" Paris", " Berlin"))                           # doctest: +SKIP
+        """
+        if self.readout != "logits":
+            raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
+        column = self._position(position)
+        batch = self.total.shape[0]
+        at_position = self.components[:, :, column]                             # [components, batch, K]
+        if target is None and self.targets is not None:
+            picked = at_position[..., 0]
+        else:
+            wanted = targets_per_prompt(target, batch, self.resolve_target)
+            if self.targets is not None:
+                if wanted != self.targets:
+                    raise InvalidInputError(f"target {target!r} was not read out (the attribution's targets: "
+                                            f"{self.target_labels}); attribute(..., targets=...) it, or targets='all'")
+                picked = at_position[..., 0]
+            else:  # every logit was computed: the target's functional, exactly (fxdepass/targets.py)
+                real = self.total[:, column]                                    # [batch, vocabulary]
+                picked = torch.stack([(at_position[:, b] * t.coefficients(real[b:b + 1])).sum(-1)
+                                      for b, t in enumerate(wanted)], 1)
+                picked[-1] += torch.stack([t.constant(real[b:b + 1])[0] for b, t in enumerate(wanted)])
         return picked[:, 0] if batch == 1 else picked
 
-    def _ids(self, columns: torch.Tensor) -> torch.Tensor:
-        return columns if self.vocabulary is None else self.vocabulary[columns]
-
-    def _columns(self, target: torch.Tensor) -> torch.Tensor:
-        """Columns of the last axis holding the logits of token ids ``target``."""
-        if self.vocabulary is None:
-            size = self.total.shape[-1]
-            if bool(((target < 0) | (target >= size)).any()):
-                raise InvalidInputError(f"target {target.tolist()} is outside the vocabulary (size {size})")
-            return target
-        matches = target.unsqueeze(-1) == self.vocabulary
-        if not bool(matches.any(-1).all()):
-            raise InvalidInputError(f"target {target.tolist()} was not read out (targets: {self.vocabulary.tolist()})")
-        return matches.int().argmax(-1)
+    @property
+    def target_values(self) -> torch.Tensor:
+        """The real value of each prompt's target at each read position, ``[batch, positions]``."""
+        if self.readout != "logits" or self.targets is None:
+            raise InvalidReadoutError("target_values needs the logits readout with a target (not targets='all')")
+        return self.total[..., 0]
 
     def _repr_html_(self) -> str:
         from .report import attribution_html  # report builds on api
@@ -120,12 +137,18 @@ class Attribution:
         scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
         return float(error / scale)
 
-    def top(self, k: int = 10, target: int | None = None, position: int = -1) -> list[tuple[str, float]]:
+    def top(self, k: int = 10, target: Any = None, position: int = -1) -> list[tuple[str, float]]:
         """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""
         values = self.scores(target, position)
         values = values if values.ndim == 1 else values[:, 0]
         order = values.abs().argsort(descending=True)[:k]
         return [(self.labels[i], float(values[i])) for i in order.tolist()]
+
+
+def targets_per_prompt(spec: Any, batch: int, resolve: Any) -> list[Target]:
+    """The resolved target of each prompt for ``spec`` (:func:`fxdepass.targets.per_prompt`); ``resolve(spec, batch)``
+    knows the model's tokenizer and vocabulary (without it, only token ids resolve)."""
+    return resolve(spec, batch) if resolve is not None else per_prompt(spec, batch, None, None)
 
 
 class DecomposedModel:
@@ -303,25 +326,28 @@ class DecomposedModel:
         seed: Seed | None = None,
         readout: str | Sequence[str] = "logits",
         targets: Any = None,
-        last_position: bool = False,
+        positions: Any = None,
         memory_limit: int | None = None,
         strict: bool = False,
     ) -> Attribution | dict[str, Attribution]:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
 
-        Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are
-        returned as a dict of attributions.  ``last_position=True`` reads ``"logits"``/``"hidden"`` at
-        the last position only, so the last block after its attention, the final norm and the head
-        run there only; with ``targets`` the head computes only those token ids' rows.
-        ``memory_limit`` (bytes; default 80% of the available memory) bounds the estimated peak of
-        the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
+        The logits readout explains one scalar per prompt and read position — ``targets``: the predicted token
+        (default), a token id or one-token string, ``fxdepass.diff(a, b)``, ``fxdepass.logprob(t)``, a list with
+        one of these per prompt (fxdepass/targets.py), or ``"all"`` for every logit — at ``positions``: the
+        last (default for ``"logits"``), ``"all"`` (default for other readouts) or a list of positions.  Only
+        what that needs is computed: the last block after its attention, the final norm and the head run at
+        the read positions only (single prompts of position-wise models), and the head only for the target.
+        Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are returned as
+        a dict of attributions.  ``memory_limit`` (bytes; default 80% of the available memory) bounds the
+        estimated peak of the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
         Every result is checked: components summing to the real value within :data:`TOLERANCE` of the
         compute dtype, everything finite.  A failed sum warns (``strict=True``: raises
         :class:`ReconstructionError`) naming the first node where the sum diverges; NaN or inf raises
         :class:`InvalidInputError` naming the first node that produced it.
 
-        >>> attribution = fxdepass.compile(model).attribute(tokenizer("The capital of France is",
-        ...     return_tensors="pt").input_ids)                                     # doctest: +SKIP
+        >>> attribution = fxdepass.compile(model, tokenizer=tokenizer).attribute(tokenizer("The capital of France is",
+        ...     return_tensors="pt").input_ids, targets=" Paris")                    # doctest: +SKIP
         >>> attribution.scores()                                                    # doctest: +SKIP
         """
         seed = tokens() if seed is None else seed
@@ -333,18 +359,22 @@ class DecomposedModel:
         ids = self._validate_ids(input_ids)
         if isinstance(seed, Tokens):
             seed.check(ids.shape[1])
-        target_tensor = None if targets is None else torch.as_tensor(targets).long().reshape(-1)
-        if target_tensor is not None and self.vocab_size is not None and bool(((target_tensor < 0) | (target_tensor >= self.vocab_size)).any()):
-            raise InvalidInputError(f"targets {target_tensor.tolist()} are outside the vocabulary (size {self.vocab_size})")
+        if positions is not None and not {"logits", "hidden"} & set(names):
+            raise InvalidReadoutError("positions= reads 'logits' and 'hidden'; other readouts have every position")
+        reads = {name: self._read_positions(positions if name in ("logits", "hidden") else "all", name, ids.shape[1])
+                 for name in names}
+        every_logit = isinstance(targets, str) and targets == "all"
+        if targets is not None and "logits" not in names:
+            raise InvalidReadoutError("targets= chooses what the 'logits' readout explains; add that readout")
+        wanted = (self._resolve_targets(targets, ids.shape[0]) if "logits" in names and not every_logit else None)
         inputs = self._inputs(ids, attention_mask)
         captured = self._capture(inputs)
-        head = self._linear_head(captured) if target_tensor is not None and "logits" in names else None
+        head = self._linear_head(captured) if wanted is not None else None
         computed = tuple(dict.fromkeys("hidden" if (n == "logits" and head is not None) else n for n in names))
         module, counts = self._module(captured, seed, computed)
-        restrict = (last_position and ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"}
+        last = [ids.shape[1] - 1]
+        restrict = (ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"} and all(r == last for r in reads.values())
                     and isinstance(captured.sequence_length, torch.SymInt) and self._position_wise(captured, module))
-        if last_position and not set(computed) <= {"logits", "hidden"}:
-            raise InvalidReadoutError("last_position=True reads only 'logits' and 'hidden'")
         arguments = [inputs[name] for name in captured.inputs]
         blocked = self._blocked(captured, module, seed, ids)
         # MLP hidden layers run in neuron slices (Note [Neuron chunks]) by the interpreter, in one block if not causal
@@ -368,31 +398,92 @@ class DecomposedModel:
                 outputs = module(*arguments)
         if labels is None:
             labels = [f"part {k}" for k in range(outputs[0][1].shape[0] - 1)] + ["rest"]
-        results, start = {}, 0
-        positions = [ids.shape[1] - 1] if last_position else None
+        values, start = {}, 0
         for name, count in zip(computed, counts):
-            pairs = outputs[start:start + count]
+            values[name] = outputs[start:start + count]
             start += count
+
+        def read(name: str, at: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            """(total, components) of a position-wise readout at positions ``at`` (``None``: all)."""
+            (total, components), = values[name]
+            if restrict or at is None:  # a restricted pass computed the last position only
+                return total, components
+            index = torch.tensor(at, device=total.device)
+            return total.index_select(1, index), components.index_select(2, index)
+
+        results: dict[str, Attribution] = {}
+        for name in names:
+            common = dict(labels=labels, input_ids=ids, readout=name, memory_estimate=estimate, positions=reads[name],
+                          resolve_target=self._resolve_targets if name == "logits" else None)
             if name == "layers":
-                total, components = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-                results[name] = Attribution(components, total, labels, ids, name, target_tensor, component_axis=1,
-                                            memory_estimate=estimate)
-                continue
-            total, components = pairs[0]
-            if last_position and total.shape[1] != 1:  # not restricted while computing: select now
-                total, components = total[:, -1:], components[:, :, -1:]
-            results[name] = Attribution(components, total, labels, ids, name, target_tensor, positions=positions,
-                                        memory_estimate=estimate)
-        if head is not None:
-            hidden = results["hidden"]
-            weight, bias = head  # parameters: detached, results carry no autograd graph
-            rows = (weight.detach()[target_tensor], None if bias is None else bias.detach()[target_tensor])
-            components = linear_map(torch.ops.aten.linear.default, hidden.components, *rows, in_dims=(0, None, None))
-            total = torch.nn.functional.linear(hidden.total, *rows)
-            results["logits"] = Attribution(components, total, labels, ids, "logits", target_tensor, positions=positions,
-                                            vocabulary=target_tensor, memory_estimate=estimate)
+                pairs = values[name]
+                results[name] = Attribution(torch.stack([p[1] for p in pairs]), torch.stack([p[0] for p in pairs]),
+                                            **{**common, "positions": None}, component_axis=1)
+            elif name == "logits" and wanted is not None:
+                total, components = read("hidden" if head is not None else "logits", reads[name])
+                parts, value, titles = self._target_parts(wanted, total, components, head)
+                results[name] = Attribution(parts, value, **common, targets=wanted, target_labels=titles)
+            else:
+                results[name] = Attribution(*reversed(read(name, reads[name])), **common)
         self._check(results, module, arguments, strict)
-        return results[names[0]] if isinstance(readout, str) else {n: results[n] for n in names}
+        return results[names[0]] if isinstance(readout, str) else results
+
+    def _read_positions(self, positions: Any, readout: str, length: int) -> list[int] | None:
+        """The positions ``readout`` is read at (``None``: all): ``positions`` is ``None`` (the last for logits,
+        all otherwise), ``"last"``, ``"all"``, a position or a list of distinct positions (negative from the end);
+        only ``"logits"`` and ``"hidden"`` are given anything but ``"all"``."""
+        if positions is None:
+            positions = "last" if readout == "logits" else "all"
+        if isinstance(positions, str):
+            if positions not in ("last", "all"):
+                raise InvalidInputError(f"positions={positions!r}: give 'last', 'all' or a list of positions")
+            if positions == "all":
+                return None
+            positions = [length - 1]
+        listed = [positions] if not isinstance(positions, (list, tuple, range, torch.Tensor)) else list(positions)
+        listed = [int(p) if isinstance(p, torch.Tensor) and p.numel() == 1 and not p.is_floating_point() else p
+                  for p in listed]
+        if not listed or any(isinstance(p, bool) or not isinstance(p, int) for p in listed):
+            raise InvalidInputError(f"positions must be integers, got {positions!r}")
+        outside = [p for p in listed if not -length <= p < length]
+        if outside:
+            raise InvalidInputError(f"positions {outside} are outside a prompt of {length} tokens")
+        normal = [p % length for p in listed]
+        if len(set(normal)) != len(normal):
+            raise InvalidInputError(f"positions {listed} name a position twice")
+        return normal
+
+    def _resolve_targets(self, targets: Any, batch: int) -> list[Target]:
+        """One checked target per prompt (fxdepass/targets.py ``per_prompt``) with this model's tokenizer."""
+        return per_prompt(targets, batch, self.tokenizer, self.vocab_size)
+
+    def _target_parts(self, targets: list[Target], total: torch.Tensor, components: torch.Tensor,
+                      head: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Each component's share of each prompt's target, ``[M+1, batch, positions, 1]``, the targets' real values
+        ``[batch, positions, 1]`` and their labels, from the readout read at the target positions: the final hidden
+        state when ``head`` (its weight and bias) maps it to the logits, else the logits themselves.
+
+        A target is ``c·z + o`` with ``c`` and ``o`` frozen from the real logits (fxdepass/targets.py), so a
+        component's share is ``c·z_m``, and through the head ``(cW)·h_m`` with ``c·b + o`` to rest."""
+        logits = total if head is None else torch.nn.functional.linear(total, *head)
+        coefficients = torch.stack([t.coefficients(logits[b]) for b, t in enumerate(targets)])   # [B, P, V]
+        constant = torch.stack([t.constant(logits[b]) for b, t in enumerate(targets)])           # [B, P]
+        value = torch.stack([t.value(logits[b]) for b, t in enumerate(targets)])                 # [B, P]
+        if head is None:
+            parts = torch.einsum("mbpv,bpv->mbp", components, coefficients)
+        else:
+            weight, bias = head
+            flat = coefficients.flatten(0, 1)
+            # token targets have one or two nonzero coefficients: their rows of the head are gathered, not multiplied
+            sparse = bool((flat != 0).sum(-1).max() <= 2)
+            rows = torch.sparse.mm(flat.to_sparse(), weight) if sparse else flat @ weight
+            parts = torch.einsum("mbpd,bpd->mbp", components, rows.view(*coefficients.shape[:2], -1))
+            if bias is not None:
+                constant = constant + coefficients @ bias
+        parts[-1] += constant
+        titles = [t.label(self.tokenizer) if not isinstance(t, Predicted)
+                  else Token(int(logits[b, -1].argmax())).label(self.tokenizer) for b, t in enumerate(targets)]
+        return parts.unsqueeze(-1), value.unsqueeze(-1), titles
 
     def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool) -> None:
         """Check finiteness and the reconstruction of every result; explain a failure by its first node."""
@@ -447,7 +538,7 @@ class DecomposedModel:
             raise OutOfMemoryEstimateError(
                 f"the decomposed pass needs about {need / 2**30:.1f} GiB but the limit is {limit / 2**30:.1f} GiB: "
                 f"about {fits} positions (token components) would fit; shorten the prompt, group tokens "
-                "(fxdepass.tokens(groups=...)), use last_position=True, or raise memory_limit"
+                "(fxdepass.tokens(groups=...)), read fewer positions or a target instead of targets='all', or raise memory_limit"
             )
         return need
 
@@ -536,8 +627,10 @@ class DecomposedModel:
                                                **generate_kwargs)
         finally:
             self.model.train(was_training)
-        sequence = sequence[:, : ids.shape[1] + max_new_tokens].cpu()
-        attribution = self.attribute(sequence[:, :-1])
+        sequence = sequence[:, : ids.shape[1] + max_new_tokens].to(ids.device)
+        length = sequence.shape[1] - 1
+        attribution = self.attribute(sequence[:, :-1], positions=list(range(ids.shape[1] - 1, length)),
+                                     targets=sequence[:, ids.shape[1]:])
         return GeneratedAttribution(sequence, ids.shape[1], attribution)
 
 
@@ -548,6 +641,7 @@ class GeneratedAttribution:
 
     sequence: torch.Tensor
     prompt_length: int
+    #: read at the positions that predict each generated token, each for the token generated there
     attribution: Attribution
 
     @property
@@ -555,25 +649,26 @@ class GeneratedAttribution:
         """The generated token ids."""
         return self.sequence[0, self.prompt_length:]
 
+    def _step(self, step: int) -> int:
+        count = len(self.generated)
+        if isinstance(step, bool) or not isinstance(step, int) or not -count <= step < count:
+            raise InvalidInputError(f"step {step!r} is outside the {count} generated tokens")
+        return step % count
+
     def scores(self, step: int) -> torch.Tensor:
         """Contributions to generated token ``step``'s logit: ``[sequence length before it + 1]`` (rest last)."""
-        count = len(self.generated)
-        if not -count <= step < count:
-            raise InvalidInputError(f"step {step} is outside the {count} generated tokens")
-        step %= count
+        step = self._step(step)
         position = self.prompt_length - 1 + step
-        values = self.attribution.scores(int(self.generated[step]), position=position)
+        values = self.attribution.scores(position=position)
         return torch.cat((values[: position + 1], values[-1:]))
 
     def logit(self, step: int) -> float:
         """The real logit of generated token ``step``."""
-        step %= len(self.generated)
-        return float(self.attribution.total[0, self.prompt_length - 1 + step, int(self.generated[step])])
+        return float(self.attribution.total[0, self._step(step), 0])
 
     def labels(self, step: int) -> list[str]:
         """Labels of :meth:`scores`'s entries."""
-        step %= len(self.generated)
-        return self.attribution.labels[: self.prompt_length + step] + ["rest"]
+        return self.attribution.labels[: self.prompt_length + self._step(step)] + ["rest"]
 
 
 def compile(

@@ -162,7 +162,7 @@ def depass_tokens(decomposed: DecomposedModel, sink: bool = True) -> TokenMethod
     seed = tokens(sink=sink)
 
     def scores(prompt: Prompt) -> torch.Tensor:
-        attribution = decomposed.attribute(prompt.ids.unsqueeze(0), seed=seed, targets=[prompt.target], last_position=True)
+        attribution = decomposed.attribute(prompt.ids.unsqueeze(0), seed=seed, targets=[prompt.target])
         return attribution.scores(prompt.target)[:-1].float()  # without rest
 
     return scores
@@ -326,7 +326,7 @@ def depass_components(decomposed: DecomposedModel) -> ComponentMethod:
         ids = prompt.ids.unsqueeze(0)
 
         def layer_scores(seed: Seed) -> torch.Tensor:
-            attribution = decomposed.attribute(ids, seed=seed, targets=[prompt.target], last_position=True)
+            attribution = decomposed.attribute(ids, seed=seed, targets=[prompt.target])
             return attribution.scores(prompt.target)[:-1].float()
 
         return {"heads": torch.stack([layer_scores(heads(l)) for l in layers]),

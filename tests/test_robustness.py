@@ -55,7 +55,7 @@ def test_every_call_is_exact_or_a_clear_error(prompt, seed, readout, target, las
     ids, mask = prompt
     try:
         result = DECOMPOSED.attribute(ids, attention_mask=mask, seed=seed, readout=readout,
-                                      targets=None if target is None else [target], last_position=last, strict=True)
+                                      targets=target, positions="last" if last else "all", strict=True)
     except fxdepass.FxDePassError as error:
         assert str(error)
         return

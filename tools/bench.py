@@ -139,12 +139,12 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     with torch.no_grad():
         target = int(model(ids).logits[0, -1].argmax())
     # warm-up on a short prompt: the module is built once for every length (dynamic sequence length)
-    decomposed.attribute(ids[:, :min(n, 16)], seed=seed, targets=[target], last_position=True)
+    decomposed.attribute(ids[:, :min(n, 16)], seed=seed, targets=[target])
     times = []
     with RssSampler() as memory:
         for _ in range(repeats):
             start = time.perf_counter()
-            attribution = decomposed.attribute(ids, seed=seed, targets=[target], last_position=True)
+            attribution = decomposed.attribute(ids, seed=seed, targets=[target])
             times.append(time.perf_counter() - start)
     components = attribution.components.shape[0]
     # The forward's cost is linear in the batch: the largest are timed on a sixteenth of the copies (to
@@ -164,7 +164,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     # sum in time order, maximised, is the peak of tensor memory the attribution held, as
     # torch.cuda.max_memory_allocated on a GPU: not the interpreter's own objects nor what glibc keeps
     # for reuse, which the RSS column counts.  Last, as profiling slows what runs after it.
-    allocated = allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[target], last_position=True))
+    allocated = allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[target]))
     with torch.no_grad():
         alone = allocator_peak(lambda: model(ids, logits_to_keep=1))  # the attribution's read-out: last position
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -189,19 +189,19 @@ def run_variants(n: int = 64) -> list[dict]:
     ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
         target = int(model(ids).logits[0, -1].argmax())
-    reference = fxdepass.compile(model, dtype=torch.float64).attribute(ids, targets=[target], last_position=True).scores()
+    reference = fxdepass.compile(model, dtype=torch.float64).attribute(ids, targets=[target]).scores()
     rows = []
     for label, options in (("float32", {}), ("bfloat16", {"dtype": torch.bfloat16}), ("float16", {"dtype": torch.float16}),
                            ("float32 dense", {"causal_blocks": 0}),
                            ("float32 dense + torch.compile", {"causal_blocks": 0, "torch_compile": True})):
         start = time.perf_counter()
         decomposed = fxdepass.compile(model, **options)
-        scores = decomposed.attribute(ids, targets=[target], last_position=True).scores()  # includes torch.compile's own compile
+        scores = decomposed.attribute(ids, targets=[target]).scores()  # includes torch.compile's own compile
         first = time.perf_counter() - start
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            scores = decomposed.attribute(ids, targets=[target], last_position=True).scores()
+            scores = decomposed.attribute(ids, targets=[target]).scores()
             times.append(time.perf_counter() - start)
         error = float((scores.double() - reference).abs().max() / reference.abs().max())
         rows.append({"variant": label, "first_s": first, "attribute_s": statistics.median(times), "error": error})
