@@ -364,7 +364,7 @@ class DecomposedModel:
         reads = {name: self._read_positions(positions if name in ("logits", "hidden") else "all", name, ids.shape[1])
                  for name in names}
         every_logit = isinstance(targets, str) and targets == "all"
-        if targets is not None and "logits" not in names:
+        if not (targets is None or every_logit) and "logits" not in names:
             raise InvalidReadoutError("targets= chooses what the 'logits' readout explains; add that readout")
         wanted = (self._resolve_targets(targets, ids.shape[0]) if "logits" in names and not every_logit else None)
         inputs = self._inputs(ids, attention_mask)

@@ -205,7 +205,7 @@ def _target(decomposed: Any, tokenizer: Any, args: argparse.Namespace, real: Any
         raise UsageError("--target is for causal models; an encoder's target is its embedding (or --compare TEXT)")
     other = None
     if args.compare is not None:
-        other = decomposed.attribute(_encode(tokenizer, args.compare), readout="hidden").total[0].mean(0)
+        other = decomposed.attribute(_encode(tokenizer, args.compare), positions="all", targets="all", readout="hidden").total[0].mean(0)
     return resolve_target(decomposed, real, other)
 
 
@@ -272,7 +272,7 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     readout = decomposed.default_readout
     progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})")
     names = [readout, "layers"] if isinstance(seed, Tokens) else [readout]
-    results = decomposed.attribute(ids, seed=seed, readout=names)
+    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
     graph = seed_graph(attribution, seed, target, layers=decomposed.model.config.num_hidden_layers, tokenizer=tokenizer,
@@ -297,7 +297,7 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")
     decomposed, tokenizer = load(args.model, args.dtype, progress)
     ids = _encode(tokenizer, args.prompt)
-    real = decomposed.attribute(ids, readout=decomposed.default_readout).total[0]
+    real = decomposed.attribute(ids, positions="all", targets="all", readout=decomposed.default_readout).total[0]
     target = _target(decomposed, tokenizer, args, real)
     graph = build_graph(decomposed, ids, target, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
                         progress=progress.bar)

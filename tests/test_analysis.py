@@ -88,4 +88,4 @@ def test_product_of_two_decomposed_values_uses_the_symmetric_split():
     model.model.layers[0].mlp.act_fn = Square()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     assert decomposed.code.count("rules_products_symmetric_product(") >= 1
-    assert decomposed.attribute(torch.tensor([[1, 2, 3, 4]])).reconstruction_error() <= 1e-9
+    assert decomposed.attribute(torch.tensor([[1, 2, 3, 4]]), positions="all", targets="all").reconstruction_error() <= 1e-9

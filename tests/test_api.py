@@ -32,9 +32,9 @@ def test_padded_batch_equals_each_prompt_alone(family: str, side: str) -> None:
     for row, prompt in enumerate(prompts):
         where = slice(7 - len(prompt), 7) if side == "left" else slice(0, len(prompt))
         ids[row, where], mask[row, where] = prompt, 1
-    batched = decomposed.attribute(ids, attention_mask=mask)
+    batched = decomposed.attribute(ids, positions="all", targets="all", attention_mask=mask)
     for row, prompt in enumerate(prompts):
-        alone = decomposed.attribute(prompt)
+        alone = decomposed.attribute(prompt, positions="all", targets="all")
         n = len(prompt)
         positions = slice(7 - n, 7) if side == "left" else slice(0, n)
         components = batched.components[:, row, positions]
@@ -52,8 +52,8 @@ def test_model_is_untouched(llama) -> None:
     config = model.config.to_dict()
     hooks = len(model.model.layers[0]._forward_hooks)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
-    decomposed.attribute(torch.tensor([[1, 2, 3, 4]]))
-    decomposed.attribute(torch.tensor([[5, 6, 7]]), seed=fxdepass.tokens(sink=False))
+    decomposed.attribute(torch.tensor([[1, 2, 3, 4]]), positions="all", targets="all")
+    decomposed.attribute(torch.tensor([[5, 6, 7]]), positions="all", targets="all", seed=fxdepass.tokens(sink=False))
     assert model.training
     assert model.config.to_dict() == config
     assert len(model.model.layers[0]._forward_hooks) == hooks
@@ -75,12 +75,12 @@ def test_generated_code_is_readable(llama64) -> None:
 
 def test_one_compile_serves_every_length(llama64) -> None:
     for length in (2, 5, 13):
-        assert llama64.attribute(torch.arange(length).unsqueeze(0) % 50).reconstruction_error() <= 1e-9
+        assert llama64.attribute(torch.arange(length).unsqueeze(0) % 50, positions="all", targets="all").reconstruction_error() <= 1e-9
     assert list(llama64._captures) == [None]  # a single dynamic capture
 
 
 def test_single_token_prompt(llama64) -> None:
-    attribution = llama64.attribute(torch.tensor([[7]]))
+    attribution = llama64.attribute(torch.tensor([[7]]), positions="all", targets="all")
     assert attribution.components.shape[0] == 2
     assert attribution.reconstruction_error() <= 1e-9
 
@@ -90,13 +90,13 @@ def test_single_token_prompt(llama64) -> None:
 def test_options_stay_exact(activation: str, attention: str) -> None:
     model = families.build("llama", attention=attention, seed=2)
     decomposed = fxdepass.compile(model, activation=activation, temperature=0.5, dtype=torch.float64)
-    attribution = decomposed.attribute(torch.tensor([[3, 1, 4, 1, 5, 9]]))
+    attribution = decomposed.attribute(torch.tensor([[3, 1, 4, 1, 5, 9]]), positions="all", targets="all")
     assert attribution.reconstruction_error() <= 1e-9
 
 
 def test_allocation_modes_give_different_attributions(llama) -> None:
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    scores = {mode: fxdepass.compile(llama, activation=mode, dtype=torch.float64).attribute(ids).scores()
+    scores = {mode: fxdepass.compile(llama, activation=mode, dtype=torch.float64).attribute(ids, positions="all", targets="all").scores()
               for mode in ("softmax", "linear", "max")}
     assert not torch.allclose(scores["softmax"], scores["linear"])
     assert not torch.allclose(scores["softmax"], scores["max"])
@@ -104,7 +104,7 @@ def test_allocation_modes_give_different_attributions(llama) -> None:
 
 def test_eager_and_sdpa_attention_agree() -> None:
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    results = [fxdepass.compile(families.build("qwen2", attention=a, seed=5), dtype=torch.float64).attribute(ids)
+    results = [fxdepass.compile(families.build("qwen2", attention=a, seed=5), dtype=torch.float64).attribute(ids, positions="all", targets="all")
                for a in ("sdpa", "eager")]
     assert relative_error(results[0].components, results[1].components) <= 1e-9
 
@@ -114,16 +114,16 @@ def test_scores_labels_and_targets(llama64) -> None:
     attribution = llama64.attribute(ids, targets=[7])
     assert attribution.labels == ["tok 0 '3'", "tok 1 '1'", "tok 2 '4'", "tok 3 '1'", "tok 4 '5'", "rest"]
     scores = attribution.scores()
-    assert attribution.components.shape[-1] == 1 and attribution.vocabulary.tolist() == [7]  # only that head row
+    assert attribution.components.shape[-1] == 1 and attribution.targets == [fxdepass.targets.Token(7)]  # only that head row
     torch.testing.assert_close(scores.sum(), attribution.total[0, -1, 0])
-    full = llama64.attribute(ids)
+    full = llama64.attribute(ids, positions="all", targets="all")
     torch.testing.assert_close(full.scores().sum(), full.total[0, -1].max())
     torch.testing.assert_close(full.scores(7), scores)
     assert [label for label, _ in attribution.top(2)] == [attribution.labels[i] for i in scores.abs().argsort(descending=True)[:2]]
 
 
 def test_float32_default_dtype(llama) -> None:
-    attribution = fxdepass.compile(llama).attribute(torch.tensor([[3, 1, 4, 1, 5]]))
+    attribution = fxdepass.compile(llama).attribute(torch.tensor([[3, 1, 4, 1, 5]]), positions="all", targets="all")
     assert attribution.components.dtype == torch.float32
     assert attribution.reconstruction_error() <= 1e-4
 
@@ -132,28 +132,28 @@ def test_encoder_reads_out_last_hidden_state() -> None:
     model = families.build("bert", seed=1)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     ids = torch.tensor([[2, 7, 1, 8, 2, 8]])
-    attribution = decomposed.attribute(ids, readout="hidden")
+    attribution = decomposed.attribute(ids, positions="all", targets="all", readout="hidden")
     assert attribution.reconstruction_error() <= 1e-9
     with torch.no_grad():
         reference = model(input_ids=ids).last_hidden_state
     assert relative_error(attribution.total, reference.double()) <= 1e-5
     with pytest.raises(fxdepass.InvalidReadoutError, match="readout='hidden'"):
-        decomposed.attribute(ids)
+        decomposed.attribute(ids, positions="all", targets="all")
 
 
 def test_bad_inputs_raise_clear_errors(llama64) -> None:
     with pytest.raises(fxdepass.InvalidInputError, match="input_ids must lie in"):
-        llama64.attribute(torch.tensor([[1, 2, 999]]))
+        llama64.attribute(torch.tensor([[1, 2, 999]]), positions="all", targets="all")
     with pytest.raises(fxdepass.InvalidInputError, match="non-empty"):
-        llama64.attribute(torch.zeros(1, 0, dtype=torch.long))
+        llama64.attribute(torch.zeros(1, 0, dtype=torch.long), positions="all", targets="all")
     with pytest.raises(fxdepass.InvalidInputError, match="integer token ids"):
-        llama64.attribute(torch.ones(1, 3))
+        llama64.attribute(torch.ones(1, 3), positions="all", targets="all")
     with pytest.raises(fxdepass.InvalidInputError, match="attention_mask shape"):
-        llama64.attribute(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+        llama64.attribute(torch.tensor([[1, 2, 3]]), positions="all", targets="all", attention_mask=torch.ones(1, 4))
     with pytest.raises(fxdepass.InvalidReadoutError, match="unknown readout"):
-        llama64.attribute(torch.tensor([[1, 2, 3]]), readout="nope")
+        llama64.attribute(torch.tensor([[1, 2, 3]]), positions="all", targets="all", readout="nope")
     with pytest.raises(fxdepass.InvalidInputError, match="outside the vocabulary"):
-        llama64.attribute(torch.tensor([[1, 2, 3]])).scores(target=10_000)
+        llama64.attribute(torch.tensor([[1, 2, 3]]), positions="all", targets="all").scores(target=10_000)
     with pytest.raises(fxdepass.InvalidInputError, match="activation="):
         fxdepass.compile(families.build("llama"), activation="mean")
     assert issubclass(fxdepass.InvalidInputError, fxdepass.FxDePassError)
@@ -204,4 +204,4 @@ def test_memory_estimate_leaves_out_data_dependent_sizes() -> None:
     values = [n.meta.get("val") for n in module.graph.nodes]
     assert any(free_unbacked_symbols(v) for v in values if isinstance(v, torch.Tensor))  # the data-dependent size
     assert decomposed.estimate_memory(module, captured, ids, ids.shape[1] + 1) > 0
-    assert decomposed.attribute(ids).reconstruction_error() <= 1e-9
+    assert decomposed.attribute(ids, positions="all", targets="all").reconstruction_error() <= 1e-9

@@ -18,8 +18,8 @@ def test_blocks_equal_dense(family: str) -> None:
     blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3)
     ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
     for seed in (fxdepass.tokens(), fxdepass.tokens(sink=False)):
-        expected = dense.attribute(ids, seed=seed, readout=["logits", "layers"])
-        got = blocked.attribute(ids, seed=seed, readout=["logits", "layers"])
+        expected = dense.attribute(ids, positions="all", targets="all", seed=seed, readout=["logits", "layers"])
+        got = blocked.attribute(ids, positions="all", targets="all", seed=seed, readout=["logits", "layers"])
         for name in expected:
             assert relative_error(got[name].components, expected[name].components) <= 1e-12
     module = blocked._module(next(iter(blocked._captures.values())), fxdepass.tokens(), ("logits", "layers"))[0]
@@ -35,8 +35,8 @@ def test_blocks_with_the_sink_at_a_block_boundary() -> None:
     ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :20] = 0
-    dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, attention_mask=mask)
-    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, attention_mask=mask)
+    dense = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, positions="all", targets="all", attention_mask=mask)
+    blocked = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, positions="all", targets="all", attention_mask=mask)
     assert relative_error(blocked.components, dense.components) <= 1e-12
 
 
@@ -48,8 +48,8 @@ def test_blocks_give_rest_the_neurons_no_component_reaches() -> None:
         fc = model.transformer.h[0].mlp.c_fc
         fc.weight[:, 5], fc.bias[5] = 0.0, 0.0
     ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
-    expected = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, readout="layers")
-    got = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, readout="layers")
+    expected = fxdepass.compile(model, dtype=torch.float64, causal_blocks=0).attribute(ids, positions="all", targets="all", readout="layers")
+    got = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3).attribute(ids, positions="all", targets="all", readout="layers")
     assert torch.isfinite(got.components).all()
     assert relative_error(got.components, expected.components) <= 1e-12
 
@@ -57,16 +57,16 @@ def test_blocks_give_rest_the_neurons_no_component_reaches() -> None:
 def test_blocks_are_not_used_where_they_would_be_wrong() -> None:
     encoder = fxdepass.compile(families.build("bert"), dtype=torch.float64, causal_blocks=4)
     ids = torch.randint(0, families.VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
-    assert encoder.attribute(ids, readout="hidden").reconstruction_error() <= 1e-9
+    assert encoder.attribute(ids, positions="all", targets="all", readout="hidden").reconstruction_error() <= 1e-9
     assert not encoder.causal
     decoder = fxdepass.compile(families.build("llama"), dtype=torch.float64, causal_blocks=4)
     grouped = fxdepass.tokens(groups=[[0, 5], [3, 19]])
-    assert decoder.attribute(ids, seed=grouped).reconstruction_error() <= 1e-9
+    assert decoder.attribute(ids, positions="all", targets="all", seed=grouped).reconstruction_error() <= 1e-9
     module = decoder._module(next(iter(decoder._captures.values())), grouped, ("logits",))[0]
     assert "position_wise" not in module.meta  # groups are not position-aligned: dense path
     moe = fxdepass.compile(families.build("mixtral"), dtype=torch.float64, causal_blocks=4)
     for last in (False, True):  # routing gathers tokens across positions: neither blocks nor a last-position tail
-        assert moe.attribute(ids, last_position=last).reconstruction_error() <= 1e-9
+        assert moe.attribute(ids, positions="last" if last else "all", targets="all").reconstruction_error() <= 1e-9
     assert moe._module(next(iter(moe._captures.values())), fxdepass.tokens(), ("logits",))[0].meta["position_wise"] is False
 
 
@@ -77,28 +77,34 @@ def test_last_position_and_target_rows_equal_full_readout(family: str, attention
     ids = torch.randint(0, families.VOCAB, (1, 21), generator=torch.Generator().manual_seed(5))
     readout = "hidden" if family == "bert" else "logits"
     for seed in (fxdepass.tokens(), fxdepass.heads(1), fxdepass.neurons(0, group_size=8)):
-        full = decomposed.attribute(ids, readout=readout, seed=seed)
-        last = decomposed.attribute(ids, readout=readout, seed=seed, last_position=True)
+        full = decomposed.attribute(ids, positions="all", targets="all", readout=readout, seed=seed)
+        last = decomposed.attribute(ids, positions="last", targets="all", readout=readout, seed=seed)
         assert last.components.shape[2] == 1 and last.positions == [20]
         assert relative_error(last.components, full.components[:, :, -1:]) <= 1e-12
-    full = decomposed.attribute(ids, readout=readout)
+    full = decomposed.attribute(ids, positions="all", targets="all", readout=readout)
     if readout == "logits":
-        rows = decomposed.attribute(ids, targets=[3, 7], last_position=True)
-        assert rows.components.shape[-1] == 2 and rows.reconstruction_error() <= 1e-9
-        for target in (3, 7):
-            assert relative_error(rows.scores(target), full.scores(target)) <= 1e-12
+        # the default: the predicted token's head row at the last position only; given targets: theirs
+        default = decomposed.attribute(ids)
+        assert default.components.shape[2:] == (1, 1) and default.reconstruction_error() <= 1e-9
+        assert relative_error(default.scores(), full.scores()) <= 1e-12
+        for target in (3, 7, fxdepass.diff(3, 7), fxdepass.logprob(7)):
+            rows = decomposed.attribute(ids, targets=target)
+            assert rows.components.shape[-1] == 1 and rows.reconstruction_error() <= 1e-9
+            assert relative_error(rows.scores(), full.scores(target)) <= 1e-12
         with pytest.raises(fxdepass.InvalidInputError, match="was not read out"):
             rows.scores(5)
         with pytest.raises(fxdepass.InvalidInputError, match="was not read out"):
-            rows.scores(3, position=4)
+            rows.scores(position=4)
+        some = decomposed.attribute(ids, targets=3, positions=[4, -1])
+        assert relative_error(some.scores(position=4), full.scores(3, position=4)) <= 1e-12
 
 
 def test_memory_guard_says_what_would_fit() -> None:
     decomposed = fxdepass.compile(families.build("llama", layers=1), causal_blocks=0)
     ids = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
     with pytest.raises(fxdepass.OutOfMemoryEstimateError, match=r"about \d+ positions .* would fit"):
-        decomposed.attribute(ids, memory_limit=100_000)
-    assert decomposed.attribute(ids, memory_limit=10**9).reconstruction_error() <= 1e-4
+        decomposed.attribute(ids, positions="all", targets="all", memory_limit=100_000)
+    assert decomposed.attribute(ids, positions="all", targets="all", memory_limit=10**9).reconstruction_error() <= 1e-4
 
 
 @pytest.mark.parametrize("family", families.MOE)
@@ -110,8 +116,8 @@ def test_expert_neuron_slices_equal_the_plain_module(family: str) -> None:
     decomposed = fxdepass.compile(model)
     ids = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
     for seed in (fxdepass.tokens(), fxdepass.heads(1)):
-        sliced = decomposed.attribute(ids, seed=seed)
-        plain = decomposed.attribute(ids.repeat(2, 1), seed=seed)
+        sliced = decomposed.attribute(ids, positions="all", targets="all", seed=seed)
+        plain = decomposed.attribute(ids.repeat(2, 1), positions="all", targets="all", seed=seed)
         assert relative_error(sliced.components, plain.components[:, :1]) <= 1e-5
     module = decomposed._module(next(iter(decomposed._captures.values())), fxdepass.tokens(), ("logits",))[0]
     experts = [n for n in neuron_regions(module) if "experts" in n.name]
@@ -141,16 +147,16 @@ def test_routed_rows_in_chunks_equal_one_chunk(family: str, monkeypatch: pytest.
         return run(self, target, args, kwargs)
 
     monkeypatch.setattr(fxdepass.blocked.BlockedInterpreter, "call_function", counting)
-    got = decomposed.attribute(ids)
+    got = decomposed.attribute(ids, positions="all", targets="all")
     assert len(chunks) > 2  # more than one chunk a layer
     monkeypatch.setattr(fxdepass.blocked, "CHUNK_SHARE", 10**6)  # one chunk of all rows
     chunks.clear()
-    whole = decomposed.attribute(ids)
+    whole = decomposed.attribute(ids, positions="all", targets="all")
     assert len(chunks) == 2
     assert relative_error(got.components, whole.components) <= 1e-6
     # rows not gathered from their own tokens: the output is summed apart from the residual they read
     monkeypatch.setattr(fxdepass.blocked.BlockedInterpreter, "_rows_from_own_tokens", lambda *args: False)
-    assert relative_error(decomposed.attribute(ids).components, whole.components) <= 1e-6
+    assert relative_error(decomposed.attribute(ids, positions="all", targets="all").components, whole.components) <= 1e-6
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -161,8 +167,8 @@ def test_projections_summed_into_the_residual_equal_the_plain_module(family: str
     decomposed = fxdepass.compile(model, dtype=torch.float64, causal_blocks=3)
     ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
     for seed in (fxdepass.tokens(), fxdepass.heads(1)):
-        got = decomposed.attribute(ids, seed=seed, readout=["logits", "layers"])
-        plain = decomposed.attribute(ids.repeat(2, 1), seed=seed, readout=["logits", "layers"])
+        got = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=["logits", "layers"])
+        plain = decomposed.attribute(ids.repeat(2, 1), positions="all", targets="all", seed=seed, readout=["logits", "layers"])
         for name in got:  # the batch axis follows the component axis
             first = plain[name].components.narrow(plain[name].component_axis + 1, 0, 1)
             assert relative_error(got[name].components, first) <= 1e-12

@@ -22,7 +22,7 @@ def test_static_fallback_caches_one_capture_per_shape(monkeypatch) -> None:
     monkeypatch.setattr(api, "capture", refuse_dynamic)
     decomposed = fxdepass.compile(families.build("llama"), dtype=torch.float64)
     for ids in ([[1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10]]):
-        assert decomposed.attribute(torch.tensor(ids)).reconstruction_error() <= 1e-9
+        assert decomposed.attribute(torch.tensor(ids), positions="all", targets="all").reconstruction_error() <= 1e-9
     assert sorted(k for k in decomposed._captures) == [(1, 3), (1, 4), (2, 8)]
     assert calls == [True, False, False, False]
 

@@ -26,7 +26,7 @@ def graph() -> nx.DiGraph:
 def neuron_graph() -> nx.DiGraph:
     _, decomposed = tiny.compiled()
     seed = fxdepass.neurons(0, group_size=8)
-    attribution = decomposed.attribute(tiny.IDS, seed=seed)
+    attribution = decomposed.attribute(tiny.IDS, positions="all", targets="all", seed=seed)
     target = resolve_target(decomposed, attribution.total[0], None)
     return seed_graph(attribution, seed, target, layers=2, tokenizer=decomposed.tokenizer)
 

@@ -37,7 +37,7 @@ def test_edges_into_the_logit_add_up_to_the_real_logit(llama, graphs) -> None:
     with torch.no_grad():
         logits = model(IDS).logits[0, -1]
     target = int(logits.argmax())
-    exact = float(decomposed.attribute(IDS).total[0, -1, target])        # the same precision policy
+    exact = float(decomposed.attribute(IDS, positions="all", targets="all").total[0, -1, target])        # the same precision policy
     for graph in graphs:
         info = graph.graph
         assert info["target_token"] == target and info["readout"] == "logits"
@@ -155,13 +155,13 @@ def test_keep_fraction_and_argument_errors(llama) -> None:
     assert build_graph(decomposed, IDS, target="w7").graph["target_token"] == 7
     other = build_graph(decomposed, IDS, target=7, node_threshold=1.0, edge_threshold=1.0)
     assert other.graph["target"] == "logit 'w7'"
-    assert other.graph["value"] == pytest.approx(float(decomposed.attribute(IDS).total[0, -1, 7]), rel=1e-12)
+    assert other.graph["value"] == pytest.approx(float(decomposed.attribute(IDS, positions="all", targets="all").total[0, -1, 7]), rel=1e-12)
 
 
 def test_seed_graph_of_heads_matches_scores(llama) -> None:
     model, decomposed = llama
     seed = fxdepass.heads(-1)
-    attribution = decomposed.attribute(IDS, seed=seed)
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=seed)
     target = fxdepass.graph.resolve_target(decomposed, attribution.total[0], None)
     graph = seed_graph(attribution, seed, target, layers=2)
     scores = attribution.scores()

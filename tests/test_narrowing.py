@@ -16,11 +16,11 @@ def test_narrowed_fused_qkv_equals_the_full_projection(length: int, monkeypatch:
     model = families.build("gpt2", layers=2, seed=3)
     ids = torch.randint(0, families.VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
     narrowed = fxdepass.compile(model, dtype=torch.float64)
-    got = narrowed.attribute(ids, readout=["logits", "layers"])
+    got = narrowed.attribute(ids, positions="all", targets="all", readout=["logits", "layers"])
     assert narrowed.code.count("torch.narrow(h_") == 4  # c_attn's weight and bias in both layers
     monkeypatch.setattr(fxdepass.rewrite, "narrow_fused_projections", lambda module: 0)
     full = fxdepass.compile(model, dtype=torch.float64)
-    expected = full.attribute(ids, readout=["logits", "layers"])
+    expected = full.attribute(ids, positions="all", targets="all", readout=["logits", "layers"])
     assert "torch.narrow" not in full.code
     for name in expected:
         assert relative_error(got[name].components, expected[name].components) <= 1e-12
@@ -86,14 +86,14 @@ def test_seeded_projections_equal_the_unfused_module(family: str, monkeypatch: p
     ids = torch.randint(0, families.VOCAB, (1, 19), generator=torch.Generator().manual_seed(2))
     seeds = (fxdepass.heads(1), fxdepass.neurons(0, group_size=8), fxdepass.neurons(1, indices=[3, 1, 30, 7], group_size=3))
     fused = fxdepass.compile(model, dtype=torch.float64)
-    got = [fused.attribute(ids, seed=seed, readout=["logits", "layers"]) for seed in seeds]
+    got = [fused.attribute(ids, positions="all", targets="all", seed=seed, readout=["logits", "layers"]) for seed in seeds]
     for seed in seeds:
         code = fused._module(next(iter(fused._captures.values())), seed, ("logits", "layers"))[0].code
         assert "project_feature_groups" in code and "split_features" not in code
     monkeypatch.setattr(fxdepass.rewrite, "fuse_seeded_projections", lambda module: 0)
     unfused = fxdepass.compile(model, dtype=torch.float64)
     for seed, result in zip(seeds, got):
-        expected = unfused.attribute(ids, seed=seed, readout=["logits", "layers"])
+        expected = unfused.attribute(ids, positions="all", targets="all", seed=seed, readout=["logits", "layers"])
         assert result["logits"].reconstruction_error() <= 1e-9
         for name in expected:
             assert relative_error(result[name].components, expected[name].components) <= 1e-12

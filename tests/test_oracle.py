@@ -17,7 +17,7 @@ from oracle_llama import depass_tokens_llama
 def test_token_level_equals_oracle(sink: bool, bias: bool) -> None:
     model = families.build("llama", layers=3, bias=bias, seed=4)
     ids = torch.randint(0, families.VOCAB, (11,), generator=torch.Generator().manual_seed(2))
-    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, seed=fxdepass.tokens(sink=sink))
+    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=sink))
     oracle = depass_tokens_llama(model, ids, sink=sink)
     assert relative_error(attribution.components[:, 0], oracle["logits_components"]) <= 1e-9
     assert relative_error(attribution.scores(), oracle["scores"]) <= 1e-9
@@ -27,7 +27,7 @@ def test_oracle_comparison_can_fail() -> None:
     """Guard: the comparison above distinguishes the two sink settings."""
     model = families.build("llama", layers=3, seed=4)
     ids = torch.randint(0, families.VOCAB, (11,), generator=torch.Generator().manual_seed(2))
-    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, seed=fxdepass.tokens(sink=False))
+    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=False))
     oracle = depass_tokens_llama(model, ids, sink=True)
     assert relative_error(attribution.components[:, 0], oracle["logits_components"]) > 1e-6
 
@@ -40,7 +40,7 @@ def test_token_scores_equal_paper_code(paper_reference, name: str, sink: bool) -
     model.load_state_dict(data["state_dict"])
     result = data["results"][f"ignore_special_token={sink}"]
     ids = torch.as_tensor(data["input_ids"]).reshape(1, -1)
-    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, seed=fxdepass.tokens(sink=sink))
+    attribution = fxdepass.compile(model, dtype=torch.float64).attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=sink))
     target = int(result["target_token_id"])
     assert int(attribution.total[0, -1].argmax()) == target
     scores = attribution.scores(target)

@@ -50,7 +50,7 @@ def test_float64_components_sum_to_real_logits(arch: dict, length: int, batch: i
     model, decomposed = _compiled(tuple(sorted(arch.items())), torch.float64)
     ids = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, families.VOCAB - 1), min_size=length, max_size=length),
                                           min_size=batch, max_size=batch)))
-    attribution = decomposed.attribute(ids, readout=_readout(arch["family"]))
+    attribution = decomposed.attribute(ids, positions="all", targets="all", readout=_readout(arch["family"]))
     assert attribution.components.dtype == torch.float64
     assert attribution.components.shape[0] == length + 1
     assert attribution.reconstruction_error() <= 1e-9
@@ -62,7 +62,7 @@ def test_float32_components_sum_to_ordinary_output(arch: dict, length: int) -> N
     model, decomposed = _compiled(tuple(sorted(arch.items())), None)
     ids = torch.randint(0, families.VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
     readout = _readout(arch["family"])
-    attribution = decomposed.attribute(ids, readout=readout)
+    attribution = decomposed.attribute(ids, positions="all", targets="all", readout=readout)
     with torch.no_grad():
         output = model(input_ids=ids)
     ordinary = output.logits if readout == "logits" else output.last_hidden_state

@@ -95,10 +95,10 @@ def test_with_graphviz_the_graph_is_inline_svg(graph, tmp_path: Path) -> None:
 
 def test_attribution_html_for_jupyter() -> None:
     _, decomposed = tiny.compiled()
-    attribution = decomposed.attribute(tiny.IDS)
+    attribution = decomposed.attribute(tiny.IDS, positions="all", targets="all")
     fragment = attribution_html(attribution)
     assert fragment.startswith('<div class="fxdepass">') and not EXTERNAL.search(fragment)
     for label, score in zip(attribution.labels, attribution.scores().tolist()):
         assert f'title="{html.escape(f"{label}: {score:+.6g}")}"' in fragment
-    layers = attribution_html(decomposed.attribute(tiny.IDS, seed=fxdepass.heads(0), readout="layers"))
+    layers = attribution_html(decomposed.attribute(tiny.IDS, positions="all", targets="all", seed=fxdepass.heads(0), readout="layers"))
     assert "projection on the layers value" in layers and "L0H3" in layers

@@ -70,8 +70,8 @@ def test_every_call_is_exact_or_a_clear_error(prompt, seed, readout, target, las
 
 def test_results_are_deterministic() -> None:
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
-    first = DECOMPOSED.attribute(ids, readout=["logits", "layers"])
-    second = DECOMPOSED.attribute(ids, readout=["logits", "layers"])
+    first = DECOMPOSED.attribute(ids, positions="all", targets="all", readout=["logits", "layers"])
+    second = DECOMPOSED.attribute(ids, positions="all", targets="all", readout=["logits", "layers"])
     for name in first:
         assert torch.equal(first[name].components, second[name].components)
 
@@ -82,7 +82,7 @@ def test_model_unchanged_by_compile_attribute_and_ablate() -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
-    decomposed.attribute(torch.tensor([[1, 2, 3, 4]]), seed=fxdepass.heads(1), readout=["logits", "layers"])
+    decomposed.attribute(torch.tensor([[1, 2, 3, 4]]), positions="all", targets="all", seed=fxdepass.heads(1), readout=["logits", "layers"])
     with fxdepass.ablate(decomposed, heads={0: [1]}, neurons={1: [2]}):
         pass
     decomposed.generate_attributed(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
@@ -97,9 +97,9 @@ def test_divergence_is_reported_at_its_first_node(monkeypatch) -> None:
     decomposed = fxdepass.compile(families.build("llama", layers=2, seed=3), dtype=torch.float64, causal_blocks=0)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with pytest.warns(UserWarning, match=r"first diverges at layers_0_self_attn_scaled_dot_product_attention_c at model\.layers\.0\.self_attn"):
-        decomposed.attribute(ids)
+        decomposed.attribute(ids, positions="all", targets="all")
     with pytest.raises(fxdepass.ReconstructionError, match="do not sum to the real value"):
-        decomposed.attribute(ids, strict=True)
+        decomposed.attribute(ids, positions="all", targets="all", strict=True)
 
 
 def test_non_finite_values_name_their_first_node() -> None:
@@ -107,21 +107,21 @@ def test_non_finite_values_name_their_first_node() -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(fxdepass.InvalidInputError, match=r"NaN or inf, first at .*model\.layers\.1\.mlp\.up_proj\.weight"):
-        fxdepass.compile(model, dtype=torch.float64).attribute(torch.tensor([[1, 2, 3]]))
+        fxdepass.compile(model, dtype=torch.float64).attribute(torch.tensor([[1, 2, 3]]), positions="all", targets="all")
 
 
 @pytest.mark.parametrize("call,error,words", [
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2, 999]])), fxdepass.InvalidInputError, "input_ids must lie in [0, 61)"),
-    (lambda: DECOMPOSED.attribute(torch.ones(1, 70, dtype=torch.long)), fxdepass.InvalidInputError, "at most 64"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[0, 0]])), fxdepass.InvalidInputError, "at least one token"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 3]])), fxdepass.InvalidInputError, "0 (padding) and 1"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), seed=fxdepass.heads(5)), fxdepass.InvalidSeedError, "layer 5 is out of range"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), seed=fxdepass.neurons(0, indices=[500])), fxdepass.InvalidSeedError, "neuron 500"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2, 999]]), positions="all", targets="all"), fxdepass.InvalidInputError, "input_ids must lie in [0, 61)"),
+    (lambda: DECOMPOSED.attribute(torch.ones(1, 70, dtype=torch.long), positions="all", targets="all"), fxdepass.InvalidInputError, "at most 64"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", attention_mask=torch.tensor([[0, 0]])), fxdepass.InvalidInputError, "at least one token"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", attention_mask=torch.tensor([[1, 3]])), fxdepass.InvalidInputError, "0 (padding) and 1"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", seed=fxdepass.heads(5)), fxdepass.InvalidSeedError, "layer 5 is out of range"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", seed=fxdepass.neurons(0, indices=[500])), fxdepass.InvalidSeedError, "neuron 500"),
     (lambda: fxdepass.subspace(0, [torch.ones(3, 4)]), fxdepass.InvalidSeedError, "square [d, d]"),
     (lambda: fxdepass.subspace(0, [torch.eye(WIDTH) * 2], check=True), fxdepass.InvalidSeedError, "not a projection"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), readout="model.nowhere"), fxdepass.InvalidReadoutError, "model.nowhere"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), targets=[100]), fxdepass.InvalidInputError, "targets [100]"),
-    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), memory_limit=10), fxdepass.OutOfMemoryEstimateError, "would fit"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", readout="model.nowhere"), fxdepass.InvalidReadoutError, "model.nowhere"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), targets=[100]), fxdepass.InvalidInputError, "target 100 is outside the vocabulary"),
+    (lambda: DECOMPOSED.attribute(torch.tensor([[1, 2]]), positions="all", targets="all", memory_limit=10), fxdepass.OutOfMemoryEstimateError, "would fit"),
     (lambda: fxdepass.tokens(positions=[1], groups=[[1]]), fxdepass.InvalidSeedError, "not both"),
     (lambda: fxdepass.neurons(0, group_size=0), fxdepass.InvalidSeedError, "group_size"),
 ])

@@ -64,7 +64,7 @@ def test_every_seed_is_exact(family: str, kind: str, layers: int, layer: int, he
         seed = fxdepass.custom(block, where=data.draw(st.sampled_from(["input", "output"])), split=seed.split, names=seed.names)
     ids = torch.randint(0, families.VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
     final = "hidden" if family in families.ENCODERS else "logits"
-    results = decomposed.attribute(ids, seed=seed, readout=[final, "layers"])
+    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=[final, "layers"])
     for attribution in results.values():
         assert attribution.reconstruction_error() <= 1e-9
         assert len(attribution.labels) == attribution.components.shape[attribution.component_axis]
@@ -88,7 +88,7 @@ HF_FORWARD = 1e-6
 def test_head_components_are_each_heads_term_of_the_output_projection(llama64) -> None:
     model, decomposed = llama64
     projection = model.model.layers[1].self_attn.o_proj
-    attribution = decomposed.attribute(IDS, seed=fxdepass.heads(-1), readout="model.layers.1.self_attn.o_proj")
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.heads(-1), readout="model.layers.1.self_attn.o_proj")
     x, y = module_io(projection, lambda: model(IDS))
     size = x.shape[-1] // model.config.num_attention_heads
     for h in range(model.config.num_attention_heads):
@@ -102,7 +102,7 @@ def test_head_components_are_each_heads_term_of_the_output_projection(llama64) -
 def test_neuron_components_are_act_times_up_times_down_column(llama64) -> None:
     model, decomposed = llama64
     mlp = model.model.layers[0].mlp
-    attribution = decomposed.attribute(IDS, seed=fxdepass.neurons(0), readout="model.layers.0.mlp.down_proj")
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(0), readout="model.layers.0.mlp.down_proj")
     x, _ = module_io(mlp, lambda: model(IDS))
     with torch.no_grad():
         hidden = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
@@ -128,13 +128,13 @@ def test_moe_neuron_seeds_are_per_expert_and_per_expert_neuron(mixtral) -> None:
     x, y = module_io(moe, lambda: model(IDS))
     terms, routed = mixtral_expert_terms(moe, x)
     down = moe.experts.down_proj.double()                                   # [experts, d, neurons]
-    per_expert = decomposed.attribute(IDS, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
+    per_expert = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
     assert per_expert.labels == ["L1E0", "L1E1", "L1E2", "L1E3", "rest"]
     assert routed.gt(0).any(0).sum() >= 2                                    # several experts really used
     for e in range(4):
         direct = torch.einsum("ti,di->td", terms[:, e], down[e]).reshape(y.shape)
         torch.testing.assert_close(per_expert.components[e], direct, rtol=0, atol=MOE_FORWARD * float(y.abs().max()))
-    per_neuron = decomposed.attribute(IDS, seed=fxdepass.neurons(1, expert=2, indices=[0, 5, 9]), readout="model.layers.1.mlp")
+    per_neuron = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(1, expert=2, indices=[0, 5, 9]), readout="model.layers.1.mlp")
     assert per_neuron.labels == ["L1E2N0", "L1E2N5", "L1E2N9", "rest"]
     for k, i in enumerate((0, 5, 9)):
         direct = (terms[:, 2, i, None] * down[2][:, i]).reshape(y.shape)
@@ -145,7 +145,7 @@ def test_moe_neuron_seeds_are_per_expert_and_per_expert_neuron(mixtral) -> None:
 def test_moe_shared_expert_is_its_own_component_and_seeds_check_the_layer_kind() -> None:
     model = families.build("qwen2_moe", layers=2, seed=4)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
-    attribution = decomposed.attribute(IDS, seed=fxdepass.neurons(-1), readout="model.layers.1.mlp")
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(-1), readout="model.layers.1.mlp")
     assert attribution.labels[-2:] == ["L1 shared expert", "rest"]
     x, _ = module_io(model.model.layers[1].mlp.shared_expert, lambda: model(IDS))
     _, shared = module_io(model.model.layers[1].mlp.shared_expert.down_proj, lambda: model(IDS))
@@ -153,19 +153,19 @@ def test_moe_shared_expert_is_its_own_component_and_seeds_check_the_layer_kind()
     torch.testing.assert_close(attribution.components[-2], (gate * shared.double()).reshape(1, 7, -1), rtol=0, atol=MOE_FORWARD * float(shared.abs().max()))
     assert attribution.reconstruction_error() <= 1e-9
     with pytest.raises(fxdepass.InvalidSeedError, match="expert=e"):
-        decomposed.attribute(IDS, seed=fxdepass.neurons(1, indices=[0]))
+        decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(1, indices=[0]))
     with pytest.raises(fxdepass.InvalidSeedError, match="mixture of experts"):
         with fxdepass.ablate(decomposed, neurons={1: [0]}):
             pass
     with pytest.raises(fxdepass.InvalidSeedError, match="expert 4 is out of range"):
-        decomposed.attribute(IDS, seed=fxdepass.neurons(1, expert=4))
+        decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(1, expert=4))
     with pytest.raises(fxdepass.InvalidSeedError, match="no routed experts"):
-        fxdepass.compile(families.build("llama", layers=1)).attribute(IDS, seed=fxdepass.neurons(0, expert=0))
+        fxdepass.compile(families.build("llama", layers=1)).attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(0, expert=0))
 
 
 def test_moe_modules_seed_puts_the_whole_moe_block_in_the_mlp_component(mixtral) -> None:
     model, decomposed = mixtral
-    attribution = decomposed.attribute(IDS, seed=fxdepass.modules(1), readout="model.layers.1.mlp")
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.modules(1), readout="model.layers.1.mlp")
     _, y = module_io(model.model.layers[1].mlp, lambda: model(IDS))
     assert relative_error(attribution.components[1], y.double()) <= MOE_FORWARD
     assert attribution.reconstruction_error() <= 1e-9
@@ -174,7 +174,7 @@ def test_moe_modules_seed_puts_the_whole_moe_block_in_the_mlp_component(mixtral)
 def test_modules_of_a_one_layer_model_are_direct_effects() -> None:
     model = families.build("llama", layers=1, seed=3).double()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
-    attribution = decomposed.attribute(IDS, seed=fxdepass.modules(0))
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.modules(0))
     attention_out = module_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))[1]
     mlp_out = module_io(model.model.layers[0].mlp.down_proj, lambda: model(IDS))[1]
     final, _ = module_io(model.model.norm, lambda: model(IDS))
@@ -192,7 +192,7 @@ def test_subspace_split_matches_a_hand_computation() -> None:
     width = model.config.hidden_size
     projector = fxdepass.orthogonal_projector(torch.randn(width, 4, dtype=torch.float64))
     complement = torch.eye(width, dtype=torch.float64) - projector
-    attribution = decomposed.attribute(IDS, seed=fxdepass.subspace(0, [projector, complement]),
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.subspace(0, [projector, complement]),
                                        readout="model.layers.0.self_attn.o_proj")
     assert attribution.reconstruction_error() <= 1e-12
     assert attribution.components[-1].abs().max() <= 1e-12  # P + (I − P) = I leaves nothing to rest
@@ -218,10 +218,10 @@ def test_custom_split_is_checked(llama64) -> None:
     _, decomposed = llama64
     bad = fxdepass.custom("model.layers.0.mlp", split=lambda v: torch.stack((v, v)), names=("a", "b"))
     with pytest.raises(fxdepass.InvalidSeedError, match="do not sum to the value"):
-        decomposed.attribute(IDS, seed=bad)
+        decomposed.attribute(IDS, positions="all", targets="all", seed=bad)
     wrong_shape = fxdepass.custom("model.layers.0.mlp", split=lambda v: v.sum(-1, keepdim=True).unsqueeze(0))
     with pytest.raises(fxdepass.InvalidSeedError, match="split returned shape"):
-        decomposed.attribute(IDS, seed=wrong_shape)
+        decomposed.attribute(IDS, positions="all", targets="all", seed=wrong_shape)
 
 
 def test_layers_readout_shape_and_paper_all_layer(paper_reference) -> None:
@@ -231,7 +231,7 @@ def test_layers_readout_shape_and_paper_all_layer(paper_reference) -> None:
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     ids = torch.as_tensor(data["input_ids"]).reshape(1, -1)
     for sink in (True, False):
-        layers = decomposed.attribute(ids, seed=fxdepass.tokens(sink=sink), readout="layers")
+        layers = decomposed.attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=sink), readout="layers")
         reference = data["results"][f"ignore_special_token={sink}"]["all_layer"]      # [L+1, position, source, D]
         ours = layers.components[:, :-1, 0].permute(0, 2, 1, 3)                      # [L+1, position, source, D]
         assert ours.shape == reference.shape
@@ -242,7 +242,7 @@ def test_layers_readout_equals_per_layer_oracle(llama64) -> None:
     from oracle_llama import depass_tokens_llama
 
     model, decomposed = llama64
-    layers = decomposed.attribute(IDS, readout="layers")
+    layers = decomposed.attribute(IDS, positions="all", targets="all", readout="layers")
     oracle = depass_tokens_llama(model, IDS, sink=True)
     assert layers.components.shape == (3, IDS.shape[1] + 1, 1, IDS.shape[1], model.config.hidden_size)
     assert relative_error(layers.components[:, :, 0], oracle["layers"]) <= 1e-9
@@ -250,18 +250,18 @@ def test_layers_readout_equals_per_layer_oracle(llama64) -> None:
 
 def test_negative_layers_locations_and_errors(llama64) -> None:
     _, decomposed = llama64
-    first = decomposed.attribute(IDS, seed=fxdepass.heads(-2)).components
-    torch.testing.assert_close(first, decomposed.attribute(IDS, seed=fxdepass.heads(0)).components)
+    first = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.heads(-2)).components
+    torch.testing.assert_close(first, decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.heads(0)).components)
     paths = decomposed.locations()
     assert "model.layers.1.mlp.down_proj" in paths and "lm_head" in paths
     with pytest.raises(fxdepass.InvalidSeedError, match="layer 2 is out of range"):
-        decomposed.attribute(IDS, seed=fxdepass.heads(2))
+        decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.heads(2))
     with pytest.raises(fxdepass.InvalidSeedError, match="neuron 999 is out of range"):
-        decomposed.attribute(IDS, seed=fxdepass.neurons(0, indices=[999]))
+        decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.neurons(0, indices=[999]))
     with pytest.raises(fxdepass.InvalidSeedError, match="width"):
-        decomposed.attribute(IDS, seed=fxdepass.subspace(0, [torch.eye(5)]))
+        decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.subspace(0, [torch.eye(5)]))
     with pytest.raises(fxdepass.InvalidReadoutError, match="locations"):
-        decomposed.attribute(IDS, readout="model.nowhere")
+        decomposed.attribute(IDS, positions="all", targets="all", readout="model.nowhere")
     with pytest.raises(fxdepass.InvalidSeedError, match="outside a prompt"):
         decomposed.attribute(IDS, seed=fxdepass.tokens(positions=[12]))
 
@@ -309,7 +309,7 @@ def test_ablation_agrees_with_head_attribution() -> None:
     """Removing a head in a one-layer model changes the logits by its direct effect (frozen final norm aside)."""
     model = families.build("llama", layers=1, seed=8).double()
     decomposed = fxdepass.compile(model, dtype=torch.float64)
-    attribution = decomposed.attribute(IDS, seed=fxdepass.heads(0), readout="model.layers.0.self_attn.o_proj")
+    attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.heads(0), readout="model.layers.0.self_attn.o_proj")
     with torch.no_grad(), fxdepass.ablate(decomposed, heads={0: [2]}):
         _, ablated = module_io(model.model.layers[0].self_attn.o_proj, lambda: model(IDS))
     assert relative_error(ablated, attribution.total - attribution.components[2]) <= HF_FORWARD

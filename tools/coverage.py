@@ -326,7 +326,7 @@ def check(family: Family) -> Result:
         return Result(family, f"compile failed: {_reason(error)}", exported=True)
     seconds = time.perf_counter() - start
     try:
-        attribution = decomposed.attribute(ids, readout=readout)
+        attribution = decomposed.attribute(ids, positions="all", targets="all", readout=readout)
     except Exception as error:
         return Result(family, f"attribution failed: {_reason(error)}", seconds=seconds, exported=True)
     error = attribution.reconstruction_error()

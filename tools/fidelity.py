@@ -38,7 +38,7 @@ def main() -> int:
             ids = torch.as_tensor(data["input_ids"]).reshape(1, -1)
             for sink in (True, False):
                 result = data["results"][f"ignore_special_token={sink}"]
-                out = decomposed.attribute(ids, seed=fxdepass.tokens(sink=sink), readout=["logits", "layers"])
+                out = decomposed.attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=sink), readout=["logits", "layers"])
                 scores = out["logits"].scores(int(result["target_token_id"]))[:-1]
                 layers = out["layers"].components[:, :-1, 0].permute(0, 2, 1, 3)
                 print(f"paper {path.name} sink={sink}: scores rel. error {relative(scores, result['score_fp64_convenience']):.1e}, "
@@ -49,7 +49,7 @@ def main() -> int:
     ids = torch.randint(0, families.VOCAB, (11,), generator=torch.Generator().manual_seed(2))
     decomposed = fxdepass.compile(model, dtype=torch.float64)
     for sink in (True, False):
-        attribution = decomposed.attribute(ids, seed=fxdepass.tokens(sink=sink))
+        attribution = decomposed.attribute(ids, positions="all", targets="all", seed=fxdepass.tokens(sink=sink))
         oracle = depass_tokens_llama(model, ids, sink=sink)
         print(f"oracle (tiny Llama, 3 layers) sink={sink}: logit components rel. error "
               f"{relative(attribution.components[:, 0], oracle['logits_components']):.1e}, "
@@ -66,9 +66,9 @@ def moe_fidelity() -> None:
     moe = model.model.layers[1].mlp
     terms, _ = mixtral_expert_terms(moe, module_io(moe, lambda: model(ids))[0])
     down = moe.experts.down_proj.detach().double()
-    experts = decomposed.attribute(ids, seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
+    experts = decomposed.attribute(ids, positions="all", targets="all", seed=fxdepass.neurons(1), readout="model.layers.1.mlp")
     direct = torch.stack([terms[:, e] @ down[e].T for e in range(down.shape[0])]).reshape(experts.components[:-1].shape)
-    neurons = decomposed.attribute(ids, seed=fxdepass.neurons(1, expert=1), readout="model.layers.1.mlp")
+    neurons = decomposed.attribute(ids, positions="all", targets="all", seed=fxdepass.neurons(1, expert=1), readout="model.layers.1.mlp")
     per_neuron = torch.einsum("ti,di->itd", terms[:, 1], down[1]).reshape(neurons.components[:-1].shape)
     print(f"mixtral (2 layers, 4 experts, top-2) per-expert components vs direct: rel. error "
           f"{relative(experts.components[:-1], direct):.1e}; expert 1's neurons: {relative(neurons.components[:-1], per_neuron):.1e}")
@@ -76,7 +76,7 @@ def moe_fidelity() -> None:
         decomposed = fxdepass.compile(families.build(family, layers=2, seed=4), dtype=torch.float64)
         seeds = {"tokens": fxdepass.tokens(), "heads(1)": fxdepass.heads(1), "neurons(1)": fxdepass.neurons(1),
                  "neurons(1, expert=0)": fxdepass.neurons(1, expert=0), "modules(1)": fxdepass.modules(1)}
-        errors = ", ".join(f"{name} {decomposed.attribute(ids, seed=seed).reconstruction_error():.1e}" for name, seed in seeds.items())
+        errors = ", ".join(f"{name} {decomposed.attribute(ids, positions="all", targets="all", seed=seed).reconstruction_error():.1e}" for name, seed in seeds.items())
         print(f"{family} logits reconstruction error: {errors}")
 
 
