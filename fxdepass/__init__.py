@@ -7,7 +7,7 @@
 """
 from fxdepass import rules  # noqa: F401  (fills the rule table)
 
-from . import export, report
+from . import dataset, export, plots, report, results
 from .ablation import ablate
 from .api import Attribution, DecomposedModel, GeneratedAttribution, compile
 from .errors import (
@@ -16,6 +16,7 @@ from .errors import (
     InvalidInputError,
     InvalidReadoutError,
     InvalidSeedError,
+    MissingDependencyError,
     ModelNotFoundError,
     OutOfMemoryEstimateError,
     ReconstructionError,
@@ -24,9 +25,13 @@ from .errors import (
 from .models import load
 from .lens import LayerLens, layer_lens
 from .targets import Target as LogitTarget, diff, logprob
+from .plots import plot_layers
+from .results import load_attribution
 from .graph import Target, build_graph, resolve_target, seed_graph
 from .seeds import (
     Custom,
+    DirectHeads,
+    DirectModules,
     Heads,
     Modules,
     Neurons,
@@ -44,10 +49,11 @@ from .seeds import (
 
 __all__ = [
     "compile", "load", "DecomposedModel", "Attribution", "GeneratedAttribution", "ablate",
+    "load_attribution", "plot_layers", "results", "plots", "dataset",
     "build_graph", "seed_graph", "Target", "resolve_target", "export", "report",
     "diff", "logprob", "LogitTarget", "layer_lens", "LayerLens",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
-    "Seed", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
+    "Seed", "Tokens", "Heads", "Neurons", "Modules", "DirectHeads", "DirectModules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",
     "InvalidInputError", "OutOfMemoryEstimateError", "ReconstructionError", "ModelNotFoundError",
 ]

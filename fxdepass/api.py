@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import sympy
 import torch
@@ -20,6 +20,7 @@ from .errors import (
     OutOfMemoryEstimateError,
     ReconstructionError,
 )
+from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
 from .readouts import readout_nodes
@@ -28,6 +29,15 @@ from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from .targets import Predicted, Target, Token, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
+
+if TYPE_CHECKING:
+    import os
+    import pathlib
+
+    import matplotlib.figure
+    import pandas
+
+    from .dataset import Record
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
@@ -72,6 +82,12 @@ class Attribution:
     target_labels: list[str] | None = None
     #: turns target specs (token strings, diff, logprob) into checked targets, for ``scores(target)``
     resolve_target: Any = dataclasses.field(default=None, repr=False, compare=False)
+    #: 0 at padding positions of the prompts, 1 at their tokens (``None``: no padding)
+    attention_mask: torch.Tensor | None = None
+    #: each prompt's own labels, when they differ by prompt (token components of a batch); see :meth:`labels_of`
+    prompt_labels: list[list[str]] | None = None
+    #: where the attribution comes from (model, prompts, seed, dtype, fxdepass version); saved with it
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def _position(self, position: int) -> int:
         length = self.input_ids.shape[1]
@@ -126,10 +142,56 @@ class Attribution:
             raise InvalidReadoutError("target_values needs the logits readout with a target (not targets='all')")
         return self.total[..., 0]
 
-    def _repr_html_(self) -> str:
-        from .report import attribution_html  # report builds on api
+    def labels_of(self, prompt: int) -> list[str]:
+        """Prompt ``prompt``'s labels: its own tokens for token components (padding reads ``"tok 0 <pad>"``).
+        ``labels`` are prompt 0's.
 
-        return attribution_html(self)
+        >>> decomposed.attribute(["a b c", "d"]).labels_of(1)                   # doctest: +SKIP
+        ['tok 0 <pad>', 'tok 1 <pad>', "tok 2 'd'", 'rest']
+        """
+        count = self.input_ids.shape[0]
+        if not -count <= prompt < count:
+            raise InvalidInputError(f"prompt {prompt} is outside the batch of {count}")
+        return self.labels if self.prompt_labels is None else self.prompt_labels[prompt]
+
+    def __repr__(self) -> str:
+        from .results import summary  # results builds on api
+
+        return summary(self)
+
+    def _repr_html_(self) -> str:
+        from .results import notebook_html
+
+        return notebook_html(self)
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """The scores as a long table (prompt, component, label, target, position, score); see
+        :func:`fxdepass.results.to_dataframe`.
+
+        >>> decomposed.attribute(["The capital of France is"]).to_dataframe().head()       # doctest: +SKIP
+        """
+        from .results import to_dataframe
+
+        return to_dataframe(self)
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write this attribution to a safetensors file (no pickle); read it with :func:`fxdepass.load_attribution`.
+
+        >>> decomposed.attribute("The capital of France is").save("paris.safetensors")       # doctest: +SKIP
+        """
+        from .results import save
+
+        return save(self, path)
+
+    def plot(self, prompt: int | None = None, **kwargs: Any) -> matplotlib.figure.Figure:
+        """A bar chart of one prompt's scores, or a prompts × components heatmap of a batch; see
+        :func:`fxdepass.plots.plot`.
+
+        >>> decomposed.attribute("The capital of France is").plot().savefig("paris.png")     # doctest: +SKIP
+        """
+        from .plots import plot
+
+        return plot(self, prompt, **kwargs)
 
     def reconstruction_error(self) -> float:
         """Max relative error of the sum of components against the real value (same precision policy)."""
@@ -314,6 +376,39 @@ class DecomposedModel:
         """
         return self._inputs(self._validate_ids(input_ids), attention_mask)
 
+    def encode(self, inputs: Any, attention_mask: Any = None) -> Encoded:
+        """Prompts as token ids and their mask: a string or list of strings (tokenized with the tokenizer given
+        to :func:`compile`, padded on the left for causal models), a tokenizer's ``BatchEncoding``, or ids
+        (see :mod:`fxdepass.inputs`).
+
+        >>> decomposed.encode(["The capital of France is", "Paris is"]).attention_mask         # doctest: +SKIP
+        tensor([[1, 1, 1, 1, 1],
+                [0, 0, 1, 1, 1]])
+        """
+        return encode(inputs, attention_mask, tokenizer=self.tokenizer, left=self.causal, device=self.device)
+
+    def _describe(self, results: Sequence[Attribution], seed: Seed, captured: CapturedModel, ids: torch.Tensor,
+                  attention_mask: Any, texts: list[str] | None) -> None:
+        """Give every result its prompts' own labels, their mask and :attr:`Attribution.metadata`."""
+        from . import __version__
+
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask).long().reshape(ids.shape)
+        first = results[0]
+        per_prompt = None
+        if (ids.shape[0] > 1 or mask is not None) and not (isinstance(seed, Custom) and not seed.names):
+            per_prompt = seed.prompt_labels(ids, mask, self.locations_of(captured), self.tokenizer)
+            per_prompt = None if all(labels == first.labels for labels in per_prompt) else per_prompt
+        if texts is None and self.tokenizer is not None:
+            kept = ids.tolist() if mask is None else [[t for t, m in zip(r, k) if m] for r, k in zip(ids.tolist(), mask.tolist())]
+            texts = [self.tokenizer.decode(row) for row in kept]
+        config = getattr(self.model, "config", None)
+        metadata = {"model": getattr(config, "name_or_path", "") or type(self.model).__name__, "prompts": texts,
+                    "seed": repr(seed), "dtype": str(self.dtype).removeprefix("torch."), "fxdepass_version": __version__}
+        for result in results:
+            result.attention_mask, result.prompt_labels, result.metadata = mask, per_prompt, dict(metadata)
+            if per_prompt is not None:
+                result.labels = per_prompt[0]
+
     def locations_for(self, inputs: dict[str, torch.Tensor]) -> Locations:
         """The :class:`~fxdepass.locations.Locations` of the graph captured for these model inputs."""
         return self.locations_of(self._capture(inputs))
@@ -350,6 +445,7 @@ class DecomposedModel:
         ...     return_tensors="pt").input_ids, targets=" Paris")                    # doctest: +SKIP
         >>> attribution.scores()                                                    # doctest: +SKIP
         """
+        input_ids, attention_mask, texts = self.encode(input_ids, attention_mask)
         seed = tokens() if seed is None else seed
         if not isinstance(seed, Seed):
             raise InvalidInputError(f"seed must be an fxdepass seed such as fxdepass.tokens(), got {seed!r}")
@@ -426,6 +522,7 @@ class DecomposedModel:
             else:
                 results[name] = Attribution(*reversed(read(name, reads[name])), **common)
         self._check(results, module, arguments, strict)
+        self._describe(list(results.values()), seed, captured, ids, attention_mask, texts)
         return results[names[0]] if isinstance(readout, str) else results
 
     def _read_positions(self, positions: Any, readout: str, length: int) -> list[int] | None:
@@ -603,6 +700,20 @@ class DecomposedModel:
             self.model.train(was_training)
         return bool(torch.equal(first[:, :-1], second[:, :-1]))
 
+    def attribute_dataset(self, prompts: Sequence[Any], *, batch_size: int = 8, targets: Any = None,
+                          progress: bool | None = None, **attribute_kwargs: Any) -> Iterator[Record]:
+        """Attribute many prompts, ``batch_size`` at a time and batched by length, yielding one
+        :class:`~fxdepass.dataset.Record` per prompt (with a progress bar on a terminal); see
+        :func:`fxdepass.dataset.attribute_dataset`.
+
+        >>> for record in decomposed.attribute_dataset(prompts, batch_size=16):          # doctest: +SKIP
+        ...     print(record.prompt, record.top(3))
+        """
+        from .dataset import attribute_dataset  # dataset builds on api
+
+        return attribute_dataset(self, prompts, batch_size=batch_size, targets=targets, progress=progress,
+                                 **attribute_kwargs)
+
     def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, **generate_kwargs: Any) -> "GeneratedAttribution":
         """Generate text (greedy unless sampling kwargs say otherwise) and attribute every generated
         token's logit to the prompt tokens and the tokens generated before it, in one decomposed pass.
@@ -610,7 +721,7 @@ class DecomposedModel:
         >>> result = decomposed.generate_attributed(ids, max_new_tokens=5)           # doctest: +SKIP
         >>> result.scores(0)     # contributions to the first generated token's logit
         """
-        ids = self._validate_ids(input_ids)
+        ids = self._validate_ids(self.encode(input_ids).input_ids)
         if ids.shape[0] != 1:
             raise InvalidInputError("generate_attributed() takes one prompt at a time")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

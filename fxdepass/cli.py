@@ -2,6 +2,7 @@
 
     fxdepass attribute demo --prompt "alice has red . bob has blue . what does bob have ?"
     fxdepass attribute MODEL_DIR --prompt TEXT --seed heads:-1 --out out --format html,json
+    fxdepass attribute demo --prompts-file prompts.jsonl --out results.jsonl     (resumes when re-run)
     fxdepass graph demo --prompt TEXT --node-threshold 0.8 --out out
     fxdepass inspect demo
 
@@ -74,14 +75,20 @@ def _parser() -> _Parser:
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sub: _Parser, prompt: bool = True) -> None:
+    def common(sub: _Parser, prompt: bool = True, prompts_file: bool = False) -> None:
         sub.add_argument("model", metavar="MODEL", help="smollm2, demo, minilm, a local model directory, a .gguf file or a cached Hub id")
         sub.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                          help="precision of the real and decomposed passes (default float64: exact to 1e-9)")
         sub.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
         if not prompt:
             return
-        sub.add_argument("--prompt", required=True, help="the text to attribute")
+        sub.add_argument("--prompt", required=not prompts_file, help="the text to attribute")
+        if prompts_file:
+            sub.add_argument("--prompts-file", metavar="FILE", help="many prompts: JSON lines (a string, or "
+                             '{"prompt": …, "target": …, "foil": …}) or a .txt file of lines; --out FILE.jsonl gets one '
+                             "result line per prompt, appended, and a re-run resumes where the last one stopped")
+            sub.add_argument("--batch-size", type=int, default=8, help="prompts per decomposed pass with --prompts-file "
+                             "(default 8)")
         sub.add_argument("--target", help="target token (default: the predicted next token); encoders: none")
         sub.add_argument("--compare", metavar="TEXT", help="encoders: attribute the cosine similarity to TEXT's embedding")
         sub.add_argument("--out", metavar="DIR", help="write the results here (default ./fxdepass-out when --format is given)")
@@ -89,8 +96,8 @@ def _parser() -> _Parser:
         sub.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
 
     attribute = commands.add_parser("attribute", help="one decomposed pass: each component's share of the target")
-    common(attribute)
-    attribute.add_argument("--seed", default="tokens", help="tokens | heads:L | neurons:L | modules:L (default tokens)")
+    common(attribute, prompts_file=True)
+    attribute.add_argument("--seed", default="tokens", help="tokens | heads:L | neurons:L | modules:L, heads:all | modules:all (default tokens)")
     graph = commands.add_parser("graph", help="the pruned attribution graph of tokens, heads and MLP blocks")
     common(graph)
     graph.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept (default 0.8)")
@@ -117,8 +124,11 @@ def parse_seed(spec: str) -> Any:
     if spec == "tokens":
         return fxdepass.tokens()
     kind, _, layer = spec.partition(":")
+    if kind in ("heads", "modules") and layer == "all":  # every layer's direct contributions
+        return getattr(fxdepass, kind)("all")
     if kind not in SEED_KINDS or not layer.lstrip("-").isdigit():
-        raise UsageError(f"--seed {spec!r}: use tokens, heads:L, neurons:L or modules:L with a layer number L")
+        raise UsageError(f"--seed {spec!r}: use tokens, heads:L, neurons:L or modules:L with a layer number L, "
+                         "or heads:all / modules:all")
     return getattr(fxdepass, kind)(int(layer))
 
 
@@ -265,6 +275,10 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     from .graph import seed_graph
     from .seeds import Tokens
 
+    if args.prompts_file is not None:
+        return _attribute_prompts(args, progress)
+    if args.prompt is None:
+        raise UsageError("give --prompt TEXT or --prompts-file FILE")
     directory, formats = _formats(args)
     seed = parse_seed(args.seed)
     decomposed, tokenizer = load(args.model, args.dtype, progress)
@@ -285,6 +299,31 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
           f"reconstruction error {attribution.reconstruction_error():.1e}")
     if directory is not None:
         _write(graph, directory, formats, "attribution", progress)
+    return 0
+
+
+def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
+    """``attribute --prompts-file``: one JSON line per prompt appended to ``--out`` (fxdepass/dataset.py)."""
+    from .dataset import read_prompts, write_results
+
+    if args.prompt is not None or args.compare is not None or args.format is not None:
+        given = "--prompt" if args.prompt is not None else "--compare" if args.compare is not None else "--format"
+        raise UsageError(f"--prompts-file writes JSON lines to --out; leave out {given}")
+    if args.out is None:
+        raise UsageError("--prompts-file needs --out FILE.jsonl (results are appended there)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    entries = read_prompts(args.prompts_file)
+    if args.target is not None:  # for the prompts that name no target of their own
+        entries = [e if "target" in e else {**e, "target": args.target} for e in entries]
+    seed = parse_seed(args.seed)
+    decomposed, _ = load(args.model, args.dtype, progress)
+    if decomposed.default_readout != "logits":
+        raise UsageError(f"--prompts-file attributes a causal model's logits; {args.model} has none")
+    progress.step(f"attributing {len(entries)} prompts from {args.prompts_file}, {args.batch_size} at a time")
+    written, skipped = write_results(decomposed, entries, args.out, batch_size=args.batch_size, seed=seed,
+                                     progress=False if progress.quiet else None)
+    print(f"wrote {written} results to {args.out}" + (f" ({skipped} were there already)" if skipped else ""))
     return 0
 
 

@@ -53,6 +53,10 @@ class ModelNotFoundError(FxDePassError):
     """A model name, path or Hub id that does not lead to a loadable model (nothing is downloaded)."""
 
 
+class MissingDependencyError(FxDePassError, ImportError):
+    """An optional library (pandas, matplotlib) that a feature needs is not installed."""
+
+
 def node_location(node: torch.fx.Node) -> str:
     """Describe where a graph node comes from: module path, module type and source line.
 

@@ -24,7 +24,7 @@ from .errors import InvalidSeedError
 from .locations import Locations
 
 __all__ = [
-    "Seed", "SeedPoint", "Tokens", "Heads", "Neurons", "Modules", "Subspace", "Custom",
+    "Seed", "SeedPoint", "Tokens", "Heads", "Neurons", "Modules", "DirectHeads", "DirectModules", "Subspace", "Custom",
     "tokens", "heads", "neurons", "modules", "subspace", "custom", "orthogonal_projector",
     "split_groups", "split_features", "split_experts", "split_expert", "as_component", "split_subspaces", "checked_split", "sink_of",
 ]
@@ -53,6 +53,16 @@ class Seed:
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         raise NotImplementedError
 
+    def prompt_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: Locations,
+                      tokenizer: Any = None) -> list[list[str]]:
+        """The labels of each prompt of a batch (rest last); the same for every prompt unless the components
+        are the prompt's own tokens.
+
+        >>> fxdepass.heads(0).prompt_labels(ids, None, where)[1][:2]                  # doctest: +SKIP
+        ['L0H0', 'L0H1']
+        """
+        return [self.labels(input_ids, where, tokenizer)] * input_ids.shape[0]
+
     def sink_kwargs(self) -> dict[str, Any] | None:
         """Keyword arguments of :func:`sink_of` when the sink option is on, else ``None``."""
         return None
@@ -60,6 +70,19 @@ class Seed:
 
 def _token_text(token: int, tokenizer: Any) -> str:
     return repr(tokenizer.decode([token])) if tokenizer is not None else repr(str(token))
+
+
+#: the label text of a padding position (its attention mask is 0)
+PADDING = "<pad>"
+
+
+def is_padding(label: str) -> bool:
+    """Whether a component label names a padding position.
+
+    >>> is_padding("tok 0 <pad>"), is_padding("tok 1 'Paris'")
+    (True, False)
+    """
+    return label.startswith("tok ") and label.endswith(" " + PADDING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +134,31 @@ class Tokens(Seed):
                     raise InvalidSeedError(f"tokens(): position {p} is outside a prompt of {length} tokens")
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
-        ids = input_ids[0].tolist()
+        return self.prompt_labels(input_ids[:1], None, where, tokenizer)[0]
+
+    def prompt_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: Locations,
+                      tokenizer: Any = None) -> list[list[str]]:
+        """Each prompt's own tokens (``"tok 3 ' Paris'"``); padding positions read ``"tok 0 <pad>"``.
+
+        >>> fxdepass.tokens().prompt_labels(torch.tensor([[0, 7]]), torch.tensor([[0, 1]]), where)  # doctest: +SKIP
+        [['tok 0 <pad>', "tok 1 '7'", 'rest']]
+        """
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return [self._labels(ids, kept, tokenizer) for ids, kept in zip(input_ids.tolist(), mask.tolist())]
+
+    def _labels(self, ids: list[int], kept: list[int], tokenizer: Any) -> list[str]:
+        def token(p: int) -> str:
+            return f"tok {p} {_token_text(ids[p], tokenizer) if kept[p] else PADDING}"
+
         if self.groups is None:
-            return [f"tok {p} {_token_text(t, tokenizer)}" for p, t in enumerate(ids)] + ["rest"]
+            return [token(p) for p in range(len(ids))] + ["rest"]
         names = []
         for i, group in enumerate(self.groups):
             positions = [p % len(ids) for p in group]
             if self.group_names is not None:
                 names.append(self.group_names[i])
             elif len(positions) == 1:
-                names.append(f"tok {positions[0]} {_token_text(ids[positions[0]], tokenizer)}")
+                names.append(token(positions[0]))
             else:
                 names.append("toks " + ",".join(map(str, positions)))
         return names + ["rest"]
@@ -237,6 +275,118 @@ class Modules(Seed):
         return [f"L{layer} attention", f"L{layer} mlp", "rest"]
 
 
+class _Direct(Seed):
+    """Base of :class:`DirectHeads` and :class:`DirectModules`; see Note [Direct contributions]."""
+
+    # Note [Direct contributions]
+    # TransformerLens's table of direct contributions gives every head (or attention/MLP output) of every layer
+    # what it writes into the residual stream, read through the final norm (scale frozen) and the unembedding.
+    # Seeding several layers' sources in one pass gives exactly that when every attention and MLP output from the
+    # first seeded layer on is a seed point: a value reseeded at a point is split afresh (what earlier sources
+    # contributed to it is dropped there), so nothing a source writes reaches the readout through a later block.
+    # Outputs that are not sources are reseeded into rest.  Between the seeded points only residual additions,
+    # the final norm and the head carry components: one cheap decomposed pass.  The split at a head layer keeps
+    # every layer's slots on the one component axis (empty feature groups for the other layers' heads), so the
+    # seeded-projection fusion (fxdepass/narrowing.py) applies unchanged.
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if not self.layers:
+                raise InvalidSeedError(f"{self._kind}(): give at least one layer, or 'all'")
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+
+    _kind = ""
+
+    def resolved(self, where: Locations) -> list[int]:
+        """The seeded layers, as non-negative indices in increasing order."""
+        return sorted({where.layer(layer) for layer in (self.layers or range(len(where.blocks)))})
+
+    def _sources(self, where: Locations, layer: int) -> int:
+        raise NotImplementedError
+
+    def _offsets(self, where: Locations) -> tuple[dict[int, int], int]:
+        """Each seeded layer's first component index and the number of components."""
+        offsets, count = {}, 0
+        for layer in self.resolved(where):
+            offsets[layer] = count
+            count += self._sources(where, layer)
+        return offsets, count
+
+    def _attention(self, where: Locations, layer: int, offset: int | None, count: int) -> SeedPoint:
+        return SeedPoint(where.output_projection(layer), as_component, {"index": count if offset is None else offset,
+                                                                        "count": count})
+
+    def _mlp(self, where: Locations, layer: int, offset: int | None, count: int) -> SeedPoint:
+        return SeedPoint(where.mlp_output(layer), as_component, {"index": count if offset is None else offset,
+                                                                 "count": count})
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectHeads(_Direct):
+    """Every head of ``layers`` (``None``: all) at once, each its direct contribution (Note [Direct
+    contributions]); rest: the residual stream entering the first of them, every MLP output from there on,
+    the attention outputs of layers not listed, and biases.
+
+    >>> decomposed.attribute(ids, seed=fxdepass.heads("all")).top(5)                  # doctest: +SKIP
+    [('L1H3', 2.91), ('L0H1', -1.22), ...]
+    """
+
+    layers: tuple[int, ...] | None = None
+    _kind = "heads"
+
+    def _sources(self, where: Locations, layer: int) -> int:
+        return _count(where.num_heads, "heads")
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        offsets, count = self._offsets(where)
+        heads = _count(where.num_heads, "heads")
+        points = []
+        for layer in range(min(offsets), len(where.blocks)):
+            if layer in offsets:
+                features = Locations.features(where.output_projection(layer))
+                width = features.meta["val"].shape[-1]
+                own = tuple(tuple(range(h * width // heads, (h + 1) * width // heads)) for h in range(heads))
+                groups = ((),) * offsets[layer] + own + ((),) * (count - offsets[layer] - heads)
+                points.append(SeedPoint(features, split_features, {"groups": groups}))
+            else:
+                points.append(self._attention(where, layer, None, count))
+            points.append(self._mlp(where, layer, None, count))
+        return points
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        heads = _count(where.num_heads, "heads")
+        return [f"L{layer}H{h}" for layer in self.resolved(where) for h in range(heads)] + ["rest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectModules(_Direct):
+    """The attention output and MLP output of every layer of ``layers`` (``None``: all) at once, each its
+    direct contribution (Note [Direct contributions]); rest: the residual stream entering the first of them,
+    the outputs of layers not listed, and biases outside the modules.
+
+    >>> decomposed.attribute(ids, seed=fxdepass.modules("all")).labels[:3]           # doctest: +SKIP
+    ['L0 attention', 'L0 mlp', 'L1 attention']
+    """
+
+    layers: tuple[int, ...] | None = None
+    _kind = "modules"
+
+    def _sources(self, where: Locations, layer: int) -> int:
+        return 2
+
+    def points(self, where: Locations) -> list[SeedPoint]:
+        offsets, count = self._offsets(where)
+        points = []
+        for layer in range(min(offsets), len(where.blocks)):
+            offset = offsets.get(layer)
+            points.append(self._attention(where, layer, offset, count))
+            points.append(self._mlp(where, layer, None if offset is None else offset + 1, count))
+        return points
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        return [f"L{layer} {part}" for layer in self.resolved(where) for part in ("attention", "mlp")] + ["rest"]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Subspace(Seed):
     """The residual stream entering ``layer`` split by projection matrices ``P_k`` (``[d, d]`` each):
@@ -303,9 +453,17 @@ def tokens(positions: Sequence[int] | None = None, groups: Any = None, sink: boo
     return Tokens(positions=positions, groups=groups, sink=sink)
 
 
-def heads(layer: int) -> Heads:
-    """Per-head seed at layer ``layer`` (negative counts from the end); see :class:`Heads`."""
-    return Heads(layer)
+def heads(layer: int | Sequence[int] | str) -> Heads | DirectHeads:
+    """Per-head seed at layer ``layer`` (negative counts from the end; see :class:`Heads`: the heads' components
+    carry on through later layers), or the direct contributions of every head of several layers at once
+    (``"all"``, ``range(L)``, a list; see :class:`DirectHeads`).
+
+    >>> fxdepass.heads("all"), fxdepass.heads(range(2))
+    (DirectHeads(layers=None), DirectHeads(layers=(0, 1)))
+    """
+    if not isinstance(layer, str) and not hasattr(layer, "__iter__"):
+        return Heads(layer)
+    return DirectHeads(_layers(layer, "heads"))
 
 
 def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 1, expert: int | None = None) -> Neurons:
@@ -314,9 +472,28 @@ def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 
     return Neurons(layer, None if indices is None else tuple(indices), group_size, expert)
 
 
-def modules(layer: int) -> Modules:
-    """Attention-output / MLP-output seed at layer ``layer``; see :class:`Modules`."""
-    return Modules(layer)
+def modules(layer: int | Sequence[int] | str) -> Modules | DirectModules:
+    """Attention-output / MLP-output seed at layer ``layer`` (see :class:`Modules`), or the direct contributions
+    of the attention and MLP outputs of several layers at once (``"all"``, ``range(L)``, a list; see
+    :class:`DirectModules`).
+
+    >>> fxdepass.modules("all")
+    DirectModules(layers=None)
+    """
+    if not isinstance(layer, str) and not hasattr(layer, "__iter__"):
+        return Modules(layer)
+    return DirectModules(_layers(layer, "modules"))
+
+
+def _layers(layers: Sequence[int] | str, kind: str) -> tuple[int, ...] | None:
+    if isinstance(layers, str):
+        if layers != "all":
+            raise InvalidSeedError(f"{kind}({layers!r}): give a layer number, a list or range of them, or 'all'")
+        return None
+    try:
+        return tuple(int(layer) for layer in layers)
+    except (TypeError, ValueError):
+        raise InvalidSeedError(f"{kind}({layers!r}): give a layer number, a list or range of them, or 'all'") from None
 
 
 def subspace(layer: int, projectors: Sequence[torch.Tensor], names: Sequence[str] | None = None,
