@@ -323,7 +323,7 @@ def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
     progress.step(f"attributing {len(entries)} prompts from {args.prompts_file}, {args.batch_size} at a time")
     written, skipped = write_results(decomposed, entries, args.out, batch_size=args.batch_size, seed=seed,
                                      progress=False if progress.quiet else None)
-    print(f"wrote {written} results to {args.out}" + (f" ({skipped} were there already)" if skipped else ""))
+    print(f"wrote {written} results to {args.out}" + (f" ({skipped} already there)" if skipped else ""))
     return 0
 
 

@@ -50,14 +50,21 @@ class Record:
     labels: list[str]
 
     def scores(self) -> torch.Tensor:
-        """Each component's contribution to the prompt's target at its last position, padding left out."""
+        """Each component's contribution to the prompt's target at its last position, padding left out.
+
+        >>> record.scores().sum()          # the target's value (record.logit), exactly        # doctest: +SKIP
+        """
         values = self.attribution.scores()
         values = values if values.ndim == 1 else values[:, self.row]
         kept = [i for i, label in enumerate(self.attribution.labels_of(self.row)) if not is_padding(label)]
         return values[kept]
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
-        """The ``k`` components with the largest absolute scores, with their labels."""
+        """The ``k`` components with the largest absolute scores, with their labels.
+
+        >>> record.top(2)                                                                   # doctest: +SKIP
+        [("tok 3 ' France'", 2.83), ("tok 1 ' capital'", 2.05)]
+        """
         values = self.scores()
         return [(self.labels[i], float(values[i])) for i in values.abs().argsort(descending=True)[:k].tolist()]
 
@@ -72,7 +79,11 @@ class Record:
         return float(self.attribution.target_values[self.row, -1])
 
     def reconstruction_error(self) -> float:
-        """Max relative error of this prompt's components' sum against its real value."""
+        """Max relative error of this prompt's components' sum against its real value.
+
+        >>> record.reconstruction_error() <= 1e-9                                            # doctest: +SKIP
+        True
+        """
         a = self.attribution
         components = a.components.select(a.component_axis + 1, self.row)
         total = a.total.select(1 if a.component_axis == 1 else 0, self.row)
@@ -80,7 +91,11 @@ class Record:
         return float(error / total.abs().max().clamp_min(torch.finfo(total.dtype).tiny))
 
     def tokens(self, tokenizer: Any = None) -> list[str]:
-        """The prompt's tokens (padding left out): texts with ``tokenizer``, else ids as strings."""
+        """The prompt's tokens (padding left out): texts with ``tokenizer``, else ids as strings.
+
+        >>> record.tokens(tokenizer)                                                         # doctest: +SKIP
+        ['The', ' capital', ' of', ' France', ' is']
+        """
         ids, mask = self.attribution.input_ids[self.row].tolist(), self._mask()
         kept = [t for t, m in zip(ids, mask) if m]
         return [tokenizer.decode([t]) for t in kept] if tokenizer is not None else [str(t) for t in kept]

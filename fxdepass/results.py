@@ -255,7 +255,11 @@ def target_to_json(target: Target) -> dict[str, Any]:
 
 
 def target_from_json(document: dict[str, Any], path: Path | str = "") -> Target:
-    """The target :func:`target_to_json` wrote; only :mod:`fxdepass.targets`' own classes are made."""
+    """The target :func:`target_to_json` wrote; only :mod:`fxdepass.targets`' own classes are made.
+
+    >>> target_from_json({"kind": "Token", "token": 3})                                  # doctest: +SKIP
+    Token(token=3)
+    """
     from . import targets
 
     kind = getattr(targets, str(document.get("kind")), None)

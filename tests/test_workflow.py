@@ -98,6 +98,8 @@ def test_text_inputs_equal_ids():
     assert torch.equal(decomposed.attribute(encoding).components, from_ids.components)
     tensors = decomposed.tokenizer([tiny.PROMPT], return_tensors="pt")
     assert torch.equal(decomposed.attribute(tensors).components, from_ids.components)
+    generated = decomposed.generate_attributed("w5 w17 w3", max_new_tokens=2)
+    assert generated.sequence[0, :3].tolist() == [5, 17, 3]
 
 
 def test_texts_are_left_padded_and_each_gets_its_result_alone():
@@ -352,7 +354,7 @@ def test_cli_prompts_file(tmp_path, capsys):
     assert "wrote 7 results" in capsys.readouterr().out
     assert sorted(json.loads(line)["index"] for line in out.read_text().splitlines()) == list(range(7))
     assert main(["attribute", str(directory), "--prompts-file", str(prompts), "--out", str(out), "--quiet"]) == 0
-    assert "wrote 0 results" in capsys.readouterr().out.replace("(7 were there already)", "")
+    assert capsys.readouterr().out.strip() == f"wrote 0 results to {out} (7 already there)"
     assert main(["attribute", str(directory), "--prompts-file", str(prompts), "--quiet"]) == 2
     assert "needs --out" in capsys.readouterr().err
 
