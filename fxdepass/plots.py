@@ -1,8 +1,8 @@
 """Plots of attributions with matplotlib (an optional extra: ``pip install fxdepass[plot]``), imported when used.
 
->>> decomposed.attribute("The capital of France is").plot()                  # one prompt: a bar per component
->>> decomposed.attribute(["a b c", "d e"]).plot()                            # a batch: prompts × components heatmap
->>> fxdepass.plot_layers(decomposed, "The capital of France is")             # tokens × layers
+>>> decomposed.attribute("The capital of France is").plot()        # one prompt: a bar per component  # doctest: +SKIP
+>>> decomposed.attribute(["a b c", "d e"]).plot()                  # prompts × components heatmap     # doctest: +SKIP
+>>> fxdepass.plot_layers(decomposed, "The capital of France is")   # tokens × layers                  # doctest: +SKIP
 
 Every function returns the matplotlib ``Figure`` (saved with ``figure.savefig(path)``); none calls ``show``.
 """
