@@ -455,7 +455,7 @@ class DecomposedModel:
         ids = self._validate_ids(input_ids)
         if isinstance(seed, Tokens):
             seed.check(ids.shape[1])
-        if positions is not None and not {"logits", "hidden"} & set(names):
+        if not (positions is None or positions == "all") and not {"logits", "hidden"} & set(names):
             raise InvalidReadoutError("positions= reads 'logits' and 'hidden'; other readouts have every position")
         reads = {name: self._read_positions(positions if name in ("logits", "hidden") else "all", name, ids.shape[1])
                  for name in names}
