@@ -22,7 +22,7 @@ seeds = st.one_of(
     st.builds(lambda p: fxdepass.tokens(positions=p), st.lists(st.integers(-12, 12), min_size=1, max_size=3, unique=True)),
     st.builds(fxdepass.heads, st.integers(-4, 4)),
     st.builds(lambda l, i, g: fxdepass.neurons(l, indices=i, group_size=g), st.integers(-3, 3),
-              st.one_of(st.none(), st.lists(st.integers(-60, 60), min_size=1, max_size=4, unique=True)), st.integers(0, 3)),
+              st.one_of(st.none(), st.lists(st.integers(-60, 60), min_size=1, max_size=4, unique=True)), st.integers(1, 3)),  # group_size 0 is refused when the seed is made
     st.builds(fxdepass.modules, st.integers(-3, 3)),
     st.builds(lambda l, d: fxdepass.subspace(l, [torch.eye(d, dtype=torch.float64)]), st.integers(-3, 3), st.sampled_from([WIDTH, 5])),
     st.just("not a seed"),
