@@ -320,8 +320,19 @@ class DecomposedModel:
         return self.graph_module.code
 
     def locations(self) -> list[str]:
-        """Every module path a seed or readout can address, in execution order."""
+        """Every module path a seed or readout can address, in execution order (``path@k``: the k-th
+        repeated call of a module called several times)."""
         return self.locations_of(next(iter(self._captures.values()))).paths()
+
+    @property
+    def layers(self) -> int:
+        """How many layers seeds address: block calls, in execution order (Note [Blocks are calls]
+        in fxdepass/locations.py).
+
+        >>> fxdepass.compile(model).layers   # doctest: +SKIP
+        30
+        """
+        return len(self.locations_of(next(iter(self._captures.values()))).blocks)
 
     # -- attribution ---------------------------------------------------------------------------
 

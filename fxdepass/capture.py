@@ -96,6 +96,15 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+# Note [Export without autograd]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Exported with autograd on, a ``torch.no_grad()`` region inside the model (HRM runs its early
+# low-level cycles without gradients) becomes a ``set_grad_enabled`` submodule, and its nodes come
+# back from ``run_decompositions`` without their ``nn_module_stack``: the blocks called there could not
+# be found.  fxdepass never differentiates the captured graph, so it is exported with autograd off,
+# where such a region is an ordinary part of the graph.
+
+
 def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True) -> CapturedModel:
     """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.
 
@@ -113,7 +122,8 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+            with torch.no_grad():  # Note [Export without autograd]
+                program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
             program = program.run_decompositions({})
     except Exception as error:  # torch.export raises many unrelated types
         raise CaptureError(

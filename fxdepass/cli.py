@@ -289,7 +289,7 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
-    graph = seed_graph(attribution, seed, target, layers=decomposed.model.config.num_hidden_layers, tokenizer=tokenizer,
+    graph = seed_graph(attribution, seed, target, layers=decomposed.layers, tokenizer=tokenizer,
                        model_name=type(decomposed.model).__name__, layer_attribution=results.get("layers"))
     _header(graph)
     print(f"contributions of {args.seed} (rest {graph.graph['rest']:+.4f}):")
@@ -359,7 +359,7 @@ def _inspect(args: argparse.Namespace, progress: Progress) -> int:
     decomposed, _ = load(args.model, args.dtype, progress)
     model = decomposed.model
     config = model.config
-    print(f"model    {type(model).__name__}: {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+    print(f"model    {type(model).__name__}: {decomposed.layers} layers, {config.num_attention_heads} heads, "
           f"hidden size {config.hidden_size}, default readout {decomposed.default_readout!r}")
     print("locations (module paths seeds and readouts can address):")
     for path in decomposed.locations():

@@ -1,7 +1,7 @@
 """Locations: finding blocks, projections and module boundaries in a captured graph by module path.
 
-Nothing here names an attribute of a particular architecture.  Blocks are the ``ModuleList`` with as
-many entries as the config has layers; inside a block, the attention output projection is the first
+Nothing here names an attribute of a particular architecture.  Blocks are found from the graph's
+structure (Note [Blocks are calls]); inside a block, the attention output projection is the first
 linear map with a weight parameter after the attention probabilities are applied, and the MLP down
 projection is the block's last linear map back to the hidden size; routed MoE experts are the
 block's last grouped kernel.  A new architecture therefore needs no new code.
@@ -16,12 +16,36 @@ import torch.fx
 from .capture import CapturedModel
 from .errors import InvalidSeedError
 
-__all__ = ["Locations", "module_path"]
+__all__ = ["Locations", "module_call", "module_path"]
 
 aten = torch.ops.aten
 _LINEAR_MAPS = {aten.linear.default: 0, aten.addmm.default: 1, aten.mm.default: 0, aten.matmul.default: 0}
 _ATTENTION_CORES = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
                     aten._safe_softmax.default}
+
+
+# Note [Blocks are calls]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# A layer is one *call* of a block, not one block module: a looped model (HRM runs two stacks in
+# cycles, ALBERT one shared layer group) calls the same module several times, and each call has its
+# own inputs, heads and neurons.  torch.export names the k-th repeated call of a module in
+# ``nn_module_stack`` with a key ending in ``@k`` (the first call has no suffix); a call is addressed
+# as ``"path"`` (the first) or ``"path@k"``.  The blocks are the calls of the entries of the outermost
+# ``ModuleList``s whose entries are modules of their own (not single linear maps) and run in the graph;
+# where there are several such lists, those holding attention (XLM's ``attentions`` beside ``ffns``).
+# Layers are numbered in execution order, so an encoder-decoder's depth fields (BART's
+# ``num_hidden_layers`` is its *encoder's*) do not matter, and a looped model's layer ``ℓ`` is its
+# ``ℓ``-th block call (HRM: the order of its cache slots).
+
+
+def _call_names(node: torch.fx.Node) -> list[str]:
+    """The module calls ``node`` is inside, outermost first: ``["model", "model.layers.0@1", …]``."""
+    names = []
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        if path and not path.startswith("_empty"):
+            _, at, count = key.rpartition("@")
+            names.append(f"{path}@{count}" if at and count.isdigit() else path)
+    return names
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -31,8 +55,15 @@ def module_path(node: torch.fx.Node) -> str:
     return "" if path.startswith("_empty_nn_module_stack") else path
 
 
-def _paths(node: torch.fx.Node) -> list[str]:
-    return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+def module_call(node: torch.fx.Node) -> str:
+    """The innermost module call of ``node`` (``"model.H_module.layers.0@1"``; Note [Blocks are calls])."""
+    names = _call_names(node)
+    return names[-1] if names else ""
+
+
+def _call_of(node: torch.fx.Node, path: str) -> str:
+    """The call of module ``path`` that ``node`` is inside."""
+    return next((name for name in _call_names(node) if name.partition("@")[0] == path), path)
 
 
 def _is_grouped_kernel(node: torch.fx.Node) -> bool:
@@ -59,16 +90,24 @@ class Locations:
         config = getattr(model, "config", None)
         self.hidden_size = getattr(config, "hidden_size", None)
         self.num_heads = getattr(config, "num_attention_heads", None)
-        self.blocks = self._find_blocks(getattr(config, "num_hidden_layers", None))
         self.nodes = [n for n in captured.graph.nodes if n.op == "call_function"]
+        #: the block calls in execution order, one per layer (Note [Blocks are calls])
+        self.blocks = self._find_blocks()
 
-    def _find_blocks(self, layers: int | None) -> list[str]:
-        lists = [(name, m) for name, m in self.model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-        matching = [(name, m) for name, m in lists if layers is None or len(m) == layers]
-        if not matching:
-            return []
-        name, blocks = matching[0] if layers is not None else max(matching, key=lambda item: len(item[1]))
-        return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
+    def _find_blocks(self) -> list[str]:
+        calls = self.paths()
+        outermost: dict[str, list[str]] = {}
+        for name, modules in self.model.named_modules():
+            if not isinstance(modules, torch.nn.ModuleList) or any(name.startswith(f"{o}.") for o in outermost):
+                continue
+            entries = [f"{name}.{i}" if name else str(i) for i, m in enumerate(modules) if next(m.children(), None) is not None]
+            if entries and len(entries) == len(modules):
+                outermost[name] = entries
+        ran = [[c for c in calls if c.partition("@")[0] in entries] for entries in outermost.values()]
+        ran = [found for found in ran if found]
+        attending = [found for found in ran if any(n.target in _ATTENTION_CORES for c in found for n in self._inside(c))]
+        chosen = {c for found in (attending or ran) for c in found}
+        return [c for c in calls if c in chosen]
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -80,16 +119,21 @@ class Locations:
         return index % count
 
     def paths(self) -> list[str]:
-        """Every module path that appears in the graph, in execution order."""
-        seen: dict[str, None] = {}
+        """Every module call in the graph, in execution order: its path, with ``@k`` for the k-th repeated
+        call of a module called several times (Note [Blocks are calls])."""
+        return list(self._calls)
+
+    @functools.cached_property
+    def _calls(self) -> dict[str, list[torch.fx.Node]]:
+        inside: dict[str, list[torch.fx.Node]] = {}
         for node in self.nodes:
-            for path in _paths(node):
-                if path and not path.startswith("_empty"):
-                    seen.setdefault(path, None)
-        return list(seen)
+            for name in _call_names(node):
+                inside.setdefault(name, []).append(node)
+        return inside
 
     def _inside(self, path: str) -> list[torch.fx.Node]:
-        nodes = [n for n in self.nodes if path in _paths(n)]
+        """The nodes of one module call (``path`` is its first call, ``path@k`` a repeated one)."""
+        nodes = self._calls.get(path)
         if not nodes:
             raise InvalidSeedError(f"no module {path!r} in the captured graph; DecomposedModel.locations() lists them")
         return nodes
@@ -110,7 +154,7 @@ class Locations:
         candidates: list[torch.fx.Node] = []
         for node in inside:
             for arg in node.all_input_nodes:
-                if arg in self._depends_on_ids and path not in _paths(arg) and _is_float_tensor(arg) and arg not in candidates:
+                if arg in self._depends_on_ids and path not in _call_names(arg) and _is_float_tensor(arg) and arg not in candidates:
                     candidates.append(arg)
         if self.hidden_size is not None:
             candidates = [c for c in candidates if c.meta["val"].shape[-1] == self.hidden_size] or candidates
@@ -121,7 +165,7 @@ class Locations:
     def module_output(self, path: str) -> torch.fx.Node:
         """The value module ``path`` returns: its last float tensor used outside it (or returned)."""
         inside = self._inside(path)
-        outputs = [n for n in inside if _is_float_tensor(n) and any(path not in _paths(u) for u in n.users)]
+        outputs = [n for n in inside if _is_float_tensor(n) and any(path not in _call_names(u) for u in n.users)]
         if not outputs:
             raise InvalidSeedError(f"could not find the output of {path}")
         return outputs[-1]
@@ -180,8 +224,8 @@ class Locations:
         experts = self.experts(layer)
         if experts is None:
             return None
-        moe = module_path(experts).rpartition(".")[0] + "."
-        inside = [n for n in self._to_hidden(layer) if module_path(n).startswith(moe)]
+        moe = _call_of(experts, module_path(experts).rpartition(".")[0])
+        inside = [n for n in self._to_hidden(layer) if moe in _call_names(n)]
         return inside[-1] if inside else None
 
     def mlp_output(self, layer: int) -> torch.fx.Node:
@@ -190,7 +234,7 @@ class Locations:
         experts = self.experts(layer)
         if experts is None:
             return self.down_projection(layer)
-        return self.module_output(module_path(experts).rpartition(".")[0])
+        return self.module_output(_call_of(experts, module_path(experts).rpartition(".")[0]))
 
     @staticmethod
     def features(projection: torch.fx.Node) -> torch.fx.Node:
