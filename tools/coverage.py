@@ -1,8 +1,10 @@
 """Coverage report: does fxdepass give exact token-level attributions for every text model in transformers?
 
-Walks every text-only causal LM (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) and every bidirectional text
-encoder (``MODEL_MAPPING_NAMES`` of the model types with a masked-LM head) that the installed
-transformers exposes, builds a tiny random model of each from its config class's defaults (see Note
+Walks every text-only causal LM (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: ``*ForCausalLM`` and
+``*LMHeadModel``, the standalone decoders of encoder-decoder families such as ``BartForCausalLM``
+included) and every bidirectional text encoder (``MODEL_MAPPING_NAMES`` of the model types with a
+masked-LM head that are not encoder-decoders) that the installed transformers exposes; every model
+type with such a head that is left out is listed with its reason (:func:`skipped`).  It builds a tiny random model of each from its config class's defaults (see Note
 [Tiny configs]), compiles it in float64, attributes a prompt token by token and writes
 ``docs/coverage.md``.  Each model runs in its own forked process with a timeout, two at a time.
 
@@ -59,7 +61,7 @@ EXACT = 1e-9
 #: the float64 real pass against the model's own float32 output (SPEC §5's float32 tolerance)
 SAME_REAL = 1e-4
 
-DEPTH = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+DEPTH = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
 HEAD_COUNTS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads")
 KV_HEAD_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 
@@ -128,41 +130,56 @@ class Result:
     error: float | None = None
     seconds: float | None = None
     exported: bool = False
+    #: share of the target's attribution left in rest (see :func:`rest_share`)
+    rest: float | None = None
 
     @property
     def exact(self) -> bool:
         return self.status == "exact"
 
 
-def _non_text_types() -> set[str]:
-    """Model types of multimodal, vision, audio and encoder-decoder models.
+def _non_text_types() -> dict[str, str]:
+    """Model types of multimodal, vision and audio models, each with the reason it is one.
 
     Found from the auto mappings for those tasks, and from configs with a vision or audio sub-config.
     """
     kinds = ("IMAGE", "VISION", "VIDEO", "AUDIO", "SPEECH", "MULTIMODAL", "CTC", "WAVEFORM", "SPECTROGRAM",
-             "SEQ_TO_SEQ", "VISUAL", "DOCUMENT")
+             "VISUAL", "DOCUMENT")
     names = [n for n in dir(modeling_auto) if n.endswith("_MAPPING_NAMES") and any(k in n for k in kinds)]
-    types = {t for n in names for t in getattr(modeling_auto, n)}
+    types = {t: f"not text-only: in {n.removesuffix('_NAMES')}" for n in sorted(names) for t in getattr(modeling_auto, n)}
     for model_type, config in configuration_auto.CONFIG_MAPPING.items():
-        if any("audio" in key or "vision" in key for key in getattr(config, "sub_configs", {})):
-            types.add(model_type)
+        subs = [key for key in getattr(config, "sub_configs", {}) if "audio" in key or "vision" in key]
+        if subs and model_type not in types:
+            types[model_type] = f"not text-only: has a {subs[0]}"
     return types
 
 
-def _skipped() -> set[str]:
-    """The model types with a causal-LM or masked-LM head that the walk leaves out (not text-only)."""
+def _encoder_decoders() -> set[str]:
+    """Model types that are encoder-decoders (a sequence-to-sequence head): their ``*Model`` needs decoder
+    inputs, but their ``*ForCausalLM`` is a standalone decoder the walk takes."""
+    names = [n for n in dir(modeling_auto) if n.endswith("_MAPPING_NAMES") and "SEQ_TO_SEQ" in n]
+    return {t for n in names for t in getattr(modeling_auto, n)}
+
+
+def skipped() -> dict[str, str]:
+    """The model types with a causal-LM or masked-LM head that the walk leaves out, each with its reason.
+
+    >>> "llama" in skipped(), "bart" in skipped()
+    (False, False)
+    """
     heads = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    return heads & _non_text_types()
+    return {t: reason for t, reason in sorted(_non_text_types().items()) if t in heads}
 
 
 def families() -> list[Family]:
-    """Every text-only decoder (``*ForCausalLM``) and bidirectional encoder (``*Model``), sorted, one per class.
+    """Every text-only decoder (``*ForCausalLM``, ``*LMHeadModel``) and bidirectional encoder (``*Model``),
+    sorted, one per class.
 
     >>> any(f.class_name == "LlamaForCausalLM" for f in families())
     True
     """
-    skip = _non_text_types()
-    encoders = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) - skip
+    skip = set(_non_text_types())
+    encoders = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) - skip - _encoder_decoders()
     decoders = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - skip - encoders
     found: dict[str, Family] = {}
     for model_type in sorted(decoders | encoders):
@@ -331,7 +348,24 @@ def check(family: Family) -> Result:
         return Result(family, f"attribution failed: {_reason(error)}", seconds=seconds, exported=True)
     error = attribution.reconstruction_error()
     real = _relative(attribution.total.to(ordinary.dtype), ordinary)
-    return Result(family, _verdict(error, real), error, seconds, exported=True)
+    return Result(family, _verdict(error, real), error, seconds, exported=True,
+                  rest=rest_share(attribution.components, encoder=family.encoder))
+
+
+def rest_share(components: torch.Tensor, *, encoder: bool) -> float:
+    """The share of the target's attribution left in rest: ``Σ|rest| / Σ|component|`` (rest included) at
+    the last position, for each prompt's predicted token (decoders) or every feature (encoders).
+    Near 1, the tokens get almost nothing: the sum is exact but the attribution degenerate.
+
+    >>> rest_share(torch.tensor([[[[3.0, 0.0]]], [[[1.0, 2.0]]]]), encoder=False)   # token 0 predicted
+    0.25
+    """
+    last = components[:, :, -1]  # [components, prompts, targets]
+    if not encoder:
+        predicted = last.sum(0).argmax(-1)
+        last = last.gather(2, predicted.reshape(1, -1, 1).expand(last.shape[0], -1, 1))
+    magnitude = last.abs()
+    return float(magnitude[-1].sum() / magnitude.sum().clamp_min(1e-30))
 
 
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -437,19 +471,25 @@ def render(results: list[Result], minutes: float, jobs: int) -> str:
         "with `fxdepass.compile(model, dtype=torch.float64)` and attributed token by token (`readout=\"logits\"`, "
         f"encoders `\"hidden\"`). *exact*: the components sum to the real value within {EXACT:g} (relative) and "
         f"the real value matches the model's own float32 output within {SAME_REAL:g}. "
-        f"Not walked: the {len(_skipped())} causal-LM and masked-LM model types that are multimodal, audio or "
-        "encoder-decoder models.",
+        "*rest share*: the share of the predicted token's attribution at the last position (encoders: every "
+        "feature) left in rest, `Σ|rest| / Σ|component|`; near 1, the tokens get almost nothing. "
+        f"Not walked: the {len(skipped())} causal-LM and masked-LM model types that are multimodal, vision or "
+        "audio models (listed below with their reasons); encoder-decoders are walked through their "
+        "standalone decoder (`*ForCausalLM`).",
         "",
         summary(results),
     ]
     for title, encoder in (("Decoders", False), ("Encoders", True)):
-        lines += ["", f"## {title}", "", "| family | class | status | max relative error | compile time (s) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"## {title}", "", "| family | class | status | max relative error | rest share | compile time (s) |",
+                  "|---|---|---|---|---|---|"]
         for r in results:
             if r.family.encoder == encoder:
                 error = "" if r.error is None else f"{r.error:.1e}"
+                rest = "" if r.rest is None else f"{r.rest:.2f}"
                 seconds = "" if r.seconds is None else f"{r.seconds:.1f}"
-                lines.append(f"| {r.family.model_type} | {r.family.class_name} | {_cell(r.status)} | {error} | {seconds} |")
+                lines.append(f"| {r.family.model_type} | {r.family.class_name} | {_cell(r.status)} | {error} | {rest} | {seconds} |")
+    lines += ["", "## Not walked", "", "| model type | reason |", "|---|---|"]
+    lines += [f"| {t} | {_cell(reason)} |" for t, reason in skipped().items()]
     return "\n".join(lines) + "\n"
 
 
