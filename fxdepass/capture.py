@@ -55,6 +55,25 @@ class CapturedModel:
         return None
 
 
+    def prefixed_axis_of(self, node: torch.fx.Node) -> tuple[int, int] | None:
+        """``(axis, k)`` for the axis of ``node``'s value (a ``[batch, …, features]`` activation) whose
+        size is the sequence length plus a constant ``k > 0``: positions the model adds of its own
+        (CpmAnt's prompt tokens; Note [Positions a model adds] in fxdepass/seeds.py).  In a static
+        capture that is the only axis, other than the batch's and the features', longer than the prompt."""
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.ndim < 3:
+            return None
+        found = []
+        for axis, dim in list(enumerate(value.shape))[1:-1]:
+            if isinstance(self.sequence_length, torch.SymInt) and isinstance(dim, torch.SymInt):
+                added = dim.node.expr - self.sequence_length.node.expr
+                if added.is_Integer and int(added) > 0:
+                    found.append((axis, int(added)))
+            elif not isinstance(self.sequence_length, torch.SymInt) and isinstance(dim, int) and dim > self.sequence_length:
+                found.append((axis, dim - self.sequence_length))
+        return found[0] if len(found) == 1 else None
+
+
 def _same_size(dim: Any, size: Any) -> bool:
     if isinstance(dim, torch.SymInt) != isinstance(size, torch.SymInt):
         return False

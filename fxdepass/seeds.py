@@ -118,10 +118,12 @@ class Tokens(Seed):
 
     def points(self, where: Locations) -> list[SeedPoint]:
         node = where.residual_entering(0)
-        axis = where.captured.axis_of(node, where.captured.sequence_length)
+        axis, added = where.captured.axis_of(node, where.captured.sequence_length), 0
+        if axis is None and where.captured.prefixed_axis_of(node) is not None:
+            axis, added = where.captured.prefixed_axis_of(node)  # Note [Positions a model adds]
         if axis is None:
             raise InvalidSeedError(f"the value at the token seed ({node.name}) has no sequence axis")
-        return [SeedPoint(node, split_groups, {"position_axis": axis, "groups": self.groups})]
+        return [SeedPoint(node, split_groups, {"position_axis": axis, "groups": self.groups, "added": added})]
 
     def sink_kwargs(self) -> dict[str, Any] | None:
         return {"groups": self.groups} if self.sink else None
@@ -526,20 +528,37 @@ def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:
 # -- functions the generated graph calls --------------------------------------------------------
 
 
-def split_groups(value: torch.Tensor, *, position_axis: int, groups: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
+# Note [Positions a model adds]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Some models prepend positions of their own before the first block (CpmAnt: ``prompt_length``
+# learned prompt tokens), so the residual stream entering it is ``k`` positions longer than the
+# prompt.  The token seed keeps one component per *prompt* token, counted as the user counts them
+# (position 0 is the prompt's first token); the ``k`` added positions, the first ones along the
+# sequence axis, are no token of the prompt and go to rest.  The sink token (SPEC §2) is found only at
+# values whose position axis is the prompt's, so it does not apply inside such a model.
+
+
+def split_groups(value: torch.Tensor, *, position_axis: int, groups: tuple[tuple[int, ...], ...] | None = None,
+                 added: int = 0) -> torch.Tensor:
     """Split ``value`` by position: one component per group of positions (default: per position);
-    positions in no group go to rest.
+    positions in no group, and the ``added`` positions the model prepends (Note [Positions a model
+    adds]), go to rest.
 
     >>> split_groups(torch.ones(1, 3, 2), position_axis=1).shape   # 3 positions + rest
     torch.Size([4, 1, 3, 2])
+    >>> split_groups(torch.ones(1, 3, 2), position_axis=1, added=1)[:, 0, :, 0]   # 2 prompt tokens + rest
+    tensor([[0., 1., 0.],
+            [0., 0., 1.],
+            [1., 0., 0.]])
     """
-    count = value.shape[position_axis]
+    count = value.shape[position_axis] - added
     if groups is None:
         membership = torch.eye(count, dtype=value.dtype, device=value.device)
     else:
         membership = torch.zeros(len(groups), count, dtype=value.dtype, device=value.device)
         for g, positions in enumerate(groups):
             membership[g, [p % count for p in positions]] = 1.0
+    membership = torch.nn.functional.pad(membership, (added, 0))
     return _split_by_membership(value, membership, position_axis)
 
 
