@@ -185,11 +185,24 @@ def families() -> list[Family]:
     for model_type in sorted(decoders | encoders):
         mapping = modeling_auto.MODEL_MAPPING_NAMES if model_type in encoders else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         name = mapping.get(model_type)
-        # Aliases (internlm3 → LlamaForCausalLM) give way to the class's own model type.
-        own = configuration_auto.CONFIG_MAPPING[model_type].model_type == model_type
-        if isinstance(name, str) and (name not in found or own):
+        if isinstance(name, str) and (name not in found or _ownership(model_type, name) > _ownership(found[name].model_type, name)):
             found[name] = Family(model_type, name, encoder=model_type in encoders)
     return sorted(found.values(), key=lambda f: (f.encoder, f.model_type))
+
+
+def _ownership(model_type: str, class_name: str) -> int:
+    """How much ``class_name`` is ``model_type``'s own: 2 when its name starts with the type's config
+    class name (``DeepseekV3ForCausalLM``, ``DeepseekV3Config``), 1 when the type's config is its own (not
+    an alias such as internlm3 → ``LlamaConfig``), 0 for an alias.  Types sharing a class (sarvam_mla's
+    ``DeepseekV3ForCausalLM``) give way to the class's own type.
+
+    >>> _ownership("llama", "LlamaForCausalLM")
+    2
+    """
+    config = configuration_auto.CONFIG_MAPPING[model_type]
+    if config.model_type != model_type:
+        return 0
+    return 2 if class_name.startswith(config.__name__.removesuffix("Config")) else 1
 
 
 def _shrink(name: Any, value: Any, default_layers: int | None) -> Any:
