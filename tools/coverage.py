@@ -62,7 +62,8 @@ EXACT = 1e-9
 SAME_REAL = 1e-4
 
 DEPTH = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
-HEAD_COUNTS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads")
+HEAD_COUNTS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads", "decoder_attention_heads",
+               "encoder_attention_heads")
 KV_HEAD_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 
 #: Note [Tiny configs]: size-like field → its largest value in a tiny model
@@ -74,7 +75,8 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(["head_dim", "kv_channels", "d_head", "attention_head_size", "v_head_dim", "qk_rope_head_dim",
                      "qk_nope_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"], HEAD_DIM),
     **dict.fromkeys(["intermediate_size", "ffn_dim", "ffn_hidden_size", "hidden_dim", "d_ff", "dff", "d_inner",
-                     "dim_ff", "intermediate_size_mlp", "dense_intermediate_size"], 128),
+                     "dim_ff", "intermediate_size_mlp", "dense_intermediate_size", "decoder_ffn_dim",
+                     "encoder_ffn_dim"], 128),
     **dict.fromkeys(["moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
                      "shared_experts_intermediate_size", "moe_shared_expert_intermediate_size",
                      "expert_ffn_hidden_size"], 32),
@@ -472,7 +474,34 @@ def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / max(whole, 1):.0f}%"
 
 
-def render(results: list[Result], minutes: float, jobs: int) -> str:
+def previous_rows(text: str) -> tuple[str, float, dict[str, Result]]:
+    """An earlier report's transformers version, walk minutes and rows (by model type), so that
+    ``--update`` can re-run a few families and keep the others.
+
+    >>> previous_rows("with transformers 5.23.0 and torch 2.13, 2 families at a time, in 9 minutes\\n"
+    ...               "## Decoders\\n| llama | LlamaForCausalLM | exact | 6.6e-16 | 5.3 |")[2]["llama"].error
+    6.6e-16
+    """
+    version = re.search(r"with transformers (\S+) and", text).group(1)
+    minutes = float(re.search(r"in (\d+) minutes", text).group(1))
+    rows: dict[str, Result] = {}
+    encoder = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            encoder = {"## Decoders": False, "## Encoders": True}.get(line.strip())
+        if encoder is None or not line.startswith("| ") or line.startswith("| family") or line.startswith("|---"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        model_type, class_name, status, error = cells[:4]
+        rest = cells[4] if len(cells) == 6 else ""
+        seconds = cells[-1]
+        exported = not re.match(r"(config|model|export) failed|crashed|timed out", status)
+        rows[model_type] = Result(Family(model_type, class_name, encoder), status, float(error) if error else None,
+                                  float(seconds) if seconds else None, exported, float(rest) if rest else None)
+    return version, minutes, rows
+
+
+def render(results: list[Result], minutes: float, jobs: int, updated: list[str] | None = None) -> str:
     """``docs/coverage.md``: a header, the summary line, a table of decoders and one of encoders."""
     lines = [
         "# Coverage",
@@ -492,6 +521,10 @@ def render(results: list[Result], minutes: float, jobs: int) -> str:
         "",
         summary(results),
     ]
+    if updated:
+        lines[4:4] = [f"Rows of {', '.join(updated)} re-run with `python tools/coverage.py --update --only "
+                      f"{','.join(updated)}`; the others are from the last full walk (rest share blank where that "
+                      "walk did not measure it).", ""]
     for title, encoder in (("Decoders", False), ("Encoders", True)):
         lines += ["", f"## {title}", "", "| family | class | status | max relative error | rest share | compile time (s) |",
                   "|---|---|---|---|---|---|"]
@@ -506,9 +539,30 @@ def render(results: list[Result], minutes: float, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged(results: list[Result]) -> list[Result]:
+    """Every walked family's row: re-run (``results``) or kept from docs/coverage.md."""
+    version, _, rows = previous_rows(OUTPUT.read_text())
+    if version != transformers.__version__:
+        sys.exit(f"docs/coverage.md was walked with transformers {version}, this is {transformers.__version__}: "
+                 "run the full walk (make coverage) instead of --update")
+    rows.update({r.family.model_type: r for r in results})
+    missing = [f.model_type for f in families() if f.model_type not in rows]
+    if missing:
+        sys.exit(f"docs/coverage.md has no row for {','.join(missing)}: add them to --only")
+    return [rows[f.model_type] for f in families()]
+
+
+def _updated(results: list[Result], jobs: int) -> str:
+    """docs/coverage.md with the rows of ``results`` replaced (or added); the header keeps the full walk's time."""
+    _, minutes, _ = previous_rows(OUTPUT.read_text())
+    return render(_merged(results), minutes, jobs, updated=[r.family.model_type for r in results])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated model types; prints the report instead of writing it")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: replace those families' rows in docs/coverage.md, keeping the others")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
     options = parser.parse_args(argv)
@@ -519,7 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     results = run(todo, options.jobs, options.timeout)
     report = render(results, (time.monotonic() - start) / 60, options.jobs)
-    if options.only:
+    if options.only and options.update:
+        OUTPUT.write_text(_updated(results, options.jobs))
+        print(summary(_merged(results)))
+    elif options.only:
         print(report)
     else:
         OUTPUT.parent.mkdir(exist_ok=True)
