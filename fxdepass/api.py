@@ -27,7 +27,7 @@ from .readouts import readout_nodes
 from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
-from .targets import Predicted, Target, Token, per_prompt
+from .targets import LogProb, Predicted, Target, Token, TokenAt, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
 
 if TYPE_CHECKING:
@@ -717,13 +717,18 @@ class DecomposedModel:
         return attribute_dataset(self, prompts, batch_size=batch_size, targets=targets, progress=progress,
                                  **attribute_kwargs)
 
-    def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, **generate_kwargs: Any) -> "GeneratedAttribution":
+    def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, *, target: str = "logit",
+                            **generate_kwargs: Any) -> "GeneratedAttribution":
         """Generate text (greedy unless sampling kwargs say otherwise) and attribute every generated
-        token's logit to the prompt tokens and the tokens generated before it, in one decomposed pass.
+        token's logit (``target="logprob"``: its log-probability, normaliser frozen, fxdepass/targets.py)
+        to the prompt tokens and the tokens generated before it, in one decomposed pass.
 
         >>> result = decomposed.generate_attributed(ids, max_new_tokens=5)           # doctest: +SKIP
         >>> result.scores(0)     # contributions to the first generated token's logit
+        >>> decomposed.generate_attributed(ids, max_new_tokens=5, target="logprob").value(0)   # doctest: +SKIP
         """
+        if target not in ("logit", "logprob"):
+            raise InvalidInputError(f"target={target!r}; choose 'logit' or 'logprob'")
         ids = self._validate_ids(self.encode(input_ids).input_ids)
         if ids.shape[0] != 1:
             raise InvalidInputError("generate_attributed() takes one prompt at a time")
@@ -743,8 +748,9 @@ class DecomposedModel:
             self.model.train(was_training)
         sequence = sequence[:, : ids.shape[1] + max_new_tokens].to(ids.device)
         length = sequence.shape[1] - 1
+        generated = TokenAt(tuple(sequence[0, ids.shape[1]:].tolist()))
         attribution = self.attribute(sequence[:, :-1], positions=list(range(ids.shape[1] - 1, length)),
-                                     targets=sequence[:, ids.shape[1]:])
+                                     targets=[generated if target == "logit" else LogProb(generated)])
         return GeneratedAttribution(sequence, ids.shape[1], attribution)
 
 
@@ -776,9 +782,14 @@ class GeneratedAttribution:
         values = self.attribution.scores(position=position)
         return torch.cat((values[: position + 1], values[-1:]))
 
-    def logit(self, step: int) -> float:
-        """The real logit of generated token ``step``."""
+    def value(self, step: int) -> float:
+        """The real value explained for generated token ``step``: its logit, or its log-probability when
+        generated with ``target="logprob"``."""
         return float(self.attribution.total[0, self._step(step), 0])
+
+    def logit(self, step: int) -> float:
+        """The real value explained for generated token ``step`` (its logit by default; see :meth:`value`)."""
+        return self.value(step)
 
     def labels(self, step: int) -> list[str]:
         """Labels of :meth:`scores`'s entries."""

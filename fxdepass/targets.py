@@ -170,9 +170,10 @@ class Diff(Target):
 @dataclasses.dataclass(frozen=True)
 class LogProb(Target):
     """``log p_t`` with the output softmax's normaliser frozen (module docstring): ``c = onehot(t) − p``, and
-    the frozen ``−H(p)`` is rest's."""
+    the frozen ``−H(p)`` is rest's.  ``token`` is one token (:class:`Token`) or one per read position
+    (:class:`TokenAt`, generated text's own tokens)."""
 
-    token: Token
+    token: Token | TokenAt
 
     def resolve(self, tokenizer: Any, vocabulary: int | None) -> "LogProb":
         return LogProb(self.token.resolve(tokenizer, vocabulary))
@@ -186,7 +187,8 @@ class LogProb(Target):
         return torch.xlogy(p, p).sum(-1)
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.log_softmax(-1)[:, self.token.token]
+        chosen = self.token.coefficients(logits).argmax(-1, keepdim=True)  # the token read at each position
+        return logits.log_softmax(-1).gather(-1, chosen).squeeze(-1)
 
     def label(self, tokenizer: Any) -> str:
         return f"log p({self.token.label(tokenizer)})"
