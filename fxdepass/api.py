@@ -780,7 +780,8 @@ class DecomposedModel:
 @dataclasses.dataclass
 class GeneratedAttribution:
     """Attribution of generated text: for generated token ``t`` (at ``sequence[0, prompt_length + t]``),
-    the contributions of every earlier token (prompt and generated) and rest to its logit."""
+    the contributions of every earlier token (prompt and generated) and rest to its logit, or to its
+    log-probability when generated with ``target="logprob"``."""
 
     sequence: torch.Tensor
     prompt_length: int
@@ -799,7 +800,7 @@ class GeneratedAttribution:
         return step % count
 
     def scores(self, step: int) -> torch.Tensor:
-        """Contributions to generated token ``step``'s logit: ``[sequence length before it + 1]`` (rest last)."""
+        """Contributions to generated token ``step``'s :meth:`value`: ``[sequence length before it + 1]`` (rest last)."""
         step = self._step(step)
         position = self.prompt_length - 1 + step
         values = self.attribution.scores(position=position)
@@ -809,10 +810,6 @@ class GeneratedAttribution:
         """The real value explained for generated token ``step``: its logit, or its log-probability when
         generated with ``target="logprob"``."""
         return float(self.attribution.total[0, self._step(step), 0])
-
-    def logit(self, step: int) -> float:
-        """The real value explained for generated token ``step`` (its logit by default; see :meth:`value`)."""
-        return self.value(step)
 
     def labels(self, step: int) -> list[str]:
         """Labels of :meth:`scores`'s entries."""

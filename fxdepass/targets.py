@@ -187,8 +187,7 @@ class LogProb(Target):
         return torch.xlogy(p, p).sum(-1)
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
-        chosen = self.token.coefficients(logits).argmax(-1, keepdim=True)  # the token read at each position
-        return logits.log_softmax(-1).gather(-1, chosen).squeeze(-1)
+        return self.token.value(logits.log_softmax(-1))  # the token's entry, read from log p instead of z
 
     def label(self, tokenizer: Any) -> str:
         return f"log p({self.token.label(tokenizer)})"

@@ -1,7 +1,11 @@
-"""The log-probability and contrastive targets (fxdepass/targets.py) are exact in float64 for batches,
-every position and generated text, checked against ``log_softmax`` of the real logits and against the
-components of every logit (targets="all"), which they must be linear functionals of."""
+"""The log-probability and contrastive targets (fxdepass/targets.py) are exact in float64 for every seed,
+plan (dense, causal blocks, the last-position tail), a mixture-of-experts model, batches, chosen positions
+and generated text: checked against ``log_softmax`` of the real logits (the model's own run, and the
+pass's real logits), and against the components of every logit (targets="all"), of which a source's share
+must be ``z_t − Σ_v p_v z_v`` with ``p`` frozen at the real run."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,6 +13,51 @@ import torch
 import families
 import fxdepass
 from conftest import relative_error
+
+SEEDS = {"tokens": fxdepass.tokens(), "heads": fxdepass.heads(0), "neurons": fxdepass.neurons(0, group_size=8)}
+
+#: the model's own float64 run casts to float32 inside Hugging Face norms, fxdepass's does not (SPEC §5)
+MODEL_RUN = 1e-6
+
+
+def _model_log_p(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax of the model's own float64 logits (a copy: the user's model stays as it is)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+
+
+def _check_logprob(every: fxdepass.Attribution, got: fxdepass.Attribution, token: int) -> None:
+    """``got`` (targets=logprob(token)) against ``every`` (targets="all", the same positions): its total is
+    the real log p_t, its sources' shares are z_t − Σ_v p_v z_v of their logit components, −H(p) is rest's."""
+    p = every.total.softmax(-1)
+    assert relative_error(got.total[..., 0], every.total.log_softmax(-1)[..., token]) <= 1e-12
+    assert got.reconstruction_error() <= 1e-9
+    linear = every.components[..., token] - (every.components * p).sum(-1)
+    assert relative_error(got.components[:-1, ..., 0], linear[:-1]) <= 1e-9
+    entropy = -torch.xlogy(p, p).sum(-1)
+    assert relative_error(got.components[-1, ..., 0], linear[-1] - entropy) <= 1e-9
+
+
+@pytest.mark.parametrize("attention", ["frozen", "routed"])
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_logprob_is_exact_for_every_seed_and_plan(family: str, attention: str) -> None:
+    model = families.build(family, layers=2, seed=4)
+    ids = torch.randint(0, families.VOCAB, (1, 41), generator=torch.Generator().manual_seed(3))
+    # torch's expert kernel has no float64: the MoE model's own run cannot be compared in float64
+    real = None if family in families.MOE else _model_log_p(model, ids)
+    for blocks in (0, 3):  # dense; causal blocks (the MoE model: one block, experts in routed chunks)
+        decomposed = fxdepass.compile(model, dtype=torch.float64, causal_blocks=blocks, attention=attention)
+        for name, seed in SEEDS.items():
+            every = decomposed.attribute(ids, positions="all", targets="all", seed=seed)
+            assert real is None or relative_error(every.total.log_softmax(-1), real) <= MODEL_RUN, name
+            for token in (5, 17):
+                got = decomposed.attribute(ids, positions="all", targets=fxdepass.logprob(token), seed=seed)
+                assert got.components.shape == (every.components.shape[0], 1, 41, 1), name
+                _check_logprob(every, got, token)
+                # the default read: the last position only (a position-wise tail where the model allows it)
+                last = decomposed.attribute(ids, targets=fxdepass.logprob(token), seed=seed)
+                assert last.components.shape[2] == 1 and last.reconstruction_error() <= 1e-9, name
+                assert relative_error(last.components, got.components[:, :, -1:]) <= 1e-12, name
 
 
 @pytest.fixture(scope="module", params=["frozen", "routed"])
@@ -23,21 +72,16 @@ def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_logprob_is_exact_for_batches_at_every_position(decomposed: fxdepass.DecomposedModel) -> None:
+def test_logprob_is_exact_for_padded_batches(decomposed: fxdepass.DecomposedModel) -> None:
     ids, mask = _padded_batch()
     every = decomposed.attribute(ids, attention_mask=mask, positions="all", targets="all")  # [M+1, B, P, V]
-    p = every.total.softmax(-1)
+    real = _model_log_p(decomposed.model, ids, mask)
     for token in (3, 11):
         got = decomposed.attribute(ids, attention_mask=mask, positions="all", targets=fxdepass.logprob(token))
         assert got.components.shape == (ids.shape[1] + 1, 2, ids.shape[1], 1)
-        expected = every.total.log_softmax(-1)[..., token]
-        assert relative_error(got.total[..., 0], expected) <= 1e-12
-        assert got.reconstruction_error() <= 1e-9
-        # each source's share is its part of z_t − Σ_v p_v z_v (p frozen); −H(p) is rest's
-        linear = every.components[..., token] - (every.components * p).sum(-1)
-        assert relative_error(got.components[:-1, ..., 0], linear[:-1]) <= 1e-9
-        entropy = -torch.xlogy(p, p).sum(-1)
-        assert relative_error(got.components[-1, ..., 0], linear[-1] - entropy) <= 1e-9
+        _check_logprob(every, got, token)
+        kept = mask.bool()
+        assert relative_error(got.total[..., 0][kept], real[..., token][kept]) <= MODEL_RUN
 
 
 def test_logprob_per_prompt_and_at_chosen_positions(decomposed: fxdepass.DecomposedModel) -> None:
@@ -48,6 +92,8 @@ def test_logprob_per_prompt_and_at_chosen_positions(decomposed: fxdepass.Decompo
     assert relative_error(got.total[0, :, 0], log_p[0, :, 3]) <= 1e-12
     assert relative_error(got.total[1, :, 0], log_p[1, :, 8]) <= 1e-12
     assert got.reconstruction_error() <= 1e-9
+    first = decomposed.attribute(ids[:1], attention_mask=mask[:1], positions=[5, 9], targets=fxdepass.logprob(3))
+    assert relative_error(got.components[:, :1], first.components) <= 1e-12  # prompts do not mix
 
 
 def test_contrastive_targets_are_exact(decomposed: fxdepass.DecomposedModel) -> None:
@@ -69,13 +115,20 @@ def test_generated_tokens_logprob(decomposed: fxdepass.DecomposedModel) -> None:
     result = decomposed.generate_attributed(prompt, max_new_tokens=4, target="logprob")
     logits = decomposed.generate_attributed(prompt, max_new_tokens=4)
     assert torch.equal(result.sequence, logits.sequence)
-    every = decomposed.attribute(result.sequence[:, :-1], positions="all", targets="all").total[0]
+    every = decomposed.attribute(result.sequence[:, :-1], positions="all", targets="all")
+    real = _model_log_p(decomposed.model, result.sequence[:, :-1])[0]
     for step in range(4):
         position = prompt.shape[1] - 1 + step
         token = int(result.sequence[0, position + 1])
-        expected = float(every[position].log_softmax(-1)[token])
+        expected = float(every.total[0, position].log_softmax(-1)[token])
         assert abs(result.value(step) - expected) <= 1e-12 * max(1.0, abs(expected))
+        assert abs(result.value(step) - float(real[position, token])) <= MODEL_RUN * max(1.0, abs(expected))
         assert abs(float(result.scores(step).sum()) - expected) <= 1e-9 * max(1.0, abs(expected))
-        assert abs(logits.value(step) - float(every[position, token])) <= 1e-12 * max(1.0, abs(logits.value(step)))
+        assert abs(logits.value(step) - float(every.total[0, position, token])) <= 1e-12 * max(1.0, abs(logits.value(step)))
+        # the generated token's share per source: its logit components less the p-weighted mean of all
+        p = every.total[0, position].softmax(-1)
+        linear = every.components[:, 0, position, token] - every.components[:, 0, position] @ p
+        scores = result.scores(step)
+        assert relative_error(scores[:-1], linear[: position + 1]) <= 1e-9
     with pytest.raises(fxdepass.InvalidInputError, match="target="):
         decomposed.generate_attributed(prompt, max_new_tokens=1, target="probability")
