@@ -177,7 +177,8 @@ def test_unsupported_op_is_reported_at_compile_time() -> None:
 
 
 READS = {"target row": dict(targets=[1]), "every logit, last position": dict(targets="all"),
-         "every logit, every position": dict(targets="all", positions="all"), "target rows, every position": dict(positions="all")}
+         "every logit, every position": dict(targets="all", positions="all"), "target rows, every position": dict(positions="all"),
+         "log-probability, every position": dict(targets=fxdepass.logprob(1), positions="all")}
 
 
 @pytest.mark.parametrize("read", READS)
