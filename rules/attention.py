@@ -9,12 +9,18 @@ Frozen probabilities (the paper's rule) give a component credit only for what it
 values: a token that matters by *steering* attention (its key draws the query, its query selects the
 key) gets none.  Two recent methods credit that path, neither exactly.  Dual Path Attribution (DPA,
 arXiv 2603.19742) splits a SwiGLU transformer into a *content path* (values, up projections) and a
-*control path* (attention and gating) and propagates a target vector backwards through both, with
-weights per path (its code takes five: q, k, v, gate, up).  UNPACK (arXiv 2605.23393) reads attention
-and MLP as the same key-value template ``φ(S)U`` and, in a backward recursion, splits the credit
-reaching a head at (query, key) into K, Q and V branches (equal weights by default), the K and Q
-branches by each writer's part of the scores with a signed, clamped normaliser.  Both rescale
-linearised shares, so their credits do not add up to the output.  fxdepass keeps DePass's exactness:
+*control path* (how information is routed: attention and gating) and propagates a target vector
+backwards through both.  Its attention control term is the softmax's Jacobian at the real run (a
+first-order linearisation: ``P ⊙ (g·vᵀ − g·z)`` taken back through the rotated keys and queries), and
+the paths are mixed with fixed weights (its code takes five, ``q k v gate up``; by default
+v 0.5, q 0.25, k 0.25, gate 0.5, up 0.5: ``tracer/backend.py`` of its repository).  UNPACK (arXiv
+2605.23393) reads attention and MLP as one key-value template ``φ(S)U`` and, in a backward recursion,
+splits the credit reaching a head at (query, key) into K, Q and V branches labelled as composition
+modes (equal weights 1/3 by default), the K and Q branches by each writer's part of the scores over a
+signed normaliser floored at β·Σ|part| (β = 0.8; ``src/unpack/core/recursion.py``, ``_safe_denom``).
+Both rescale linearised shares, so their credits do not add up to the output.  What fxdepass takes
+from them is the idea (the score's query and key sides as a path of their own), not their weights;
+it keeps DePass's exactness:
 
 * **Score parts.**  With queries ``q = Σ_m q_m`` and keys ``k = Σ_m k_m`` (rest ``r`` last), the
   reference scores are those of the rest alone, ``S⁰ = s·q_r·k_rᵀ + mask``: the scores with every
