@@ -29,6 +29,7 @@ from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from .targets import LogProb, Predicted, Target, Token, TokenAt, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
+from fxdepass.rules.attention import ROUTED_CHUNK, routed_attention
 
 if TYPE_CHECKING:
     import os
@@ -617,9 +618,10 @@ class DecomposedModel:
         coefficients and their copies, twice ``target_rows`` values.  tests/test_api.py holds this within
         0.8–1.5× of the allocator's peak on SmolLM2 (``test_memory_estimate_on_smollm2``).  Values run in
         neuron slices (``sliced``, Note [Neuron chunks]) or routed chunks (``routed``, Note [Routed rows])
-        do not count; after the last attention a ``last_position_only`` pass holds one position.  A
-        projection narrowed to the columns that are read counts those; values whose size depends on the
-        data (the rows routed to one expert) are left out, unknown before the run.  The bench checks the
+        do not count; ``attention="routed"`` adds its score parts for one chunk of heads, four times.  After
+        the last attention a ``last_position_only`` pass holds one position.  A projection narrowed to the
+        columns that are read counts those; values whose size depends on the data (the rows routed to one
+        expert) are left out, unknown before the run.  The bench checks the
         estimate against the allocator's peak (docs/performance.md, *estimate MB*).
 
         >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
@@ -649,7 +651,15 @@ class DecomposedModel:
         held = 1.5 if plan.last_position_only else 2.5  # measured on SmolLM2: the pass's own blocks, then assembled
         outputs = held * components * total(sizes.outputs) + total(sizes.real_outputs)
         inside = inner * (0.6 if plan.blocked else 1.0)
-        return int((inside + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
+        # routed attention's score parts for one chunk of heads, held about 4 times (the parts, their signed
+        # copy, the allocation's weights and shares), assembled in full by either runner
+        routing = 0
+        for node, per_head, heads in sizes.routing:
+            found = evaluate(per_head, node)
+            if found is not None:
+                chunk = min(heads, max(1, ROUTED_CHUNK // max(components * found, 1)))
+                routing = max(routing, 4 * components * chunk * found)
+        return int((inside + routing + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
                       limit: int | None, components: int) -> int:
@@ -876,6 +886,8 @@ class _ValueSizes:
     real: list[tuple[torch.fx.Node, sympy.Expr]]
     outputs: list[tuple[torch.fx.Node, sympy.Expr]]
     real_outputs: list[tuple[torch.fx.Node, sympy.Expr]]
+    #: per routed attention (Note [Attention routing credit]): batch × queries × keys, and the heads
+    routing: list[tuple[torch.fx.Node, sympy.Expr, int]]
 
 
 def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _ValueSizes:
@@ -886,8 +898,11 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
         if routed:
             chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
         returned = set(module.graph.output_node().all_input_nodes)
-        components, real, outputs, real_outputs = {}, {}, [], []
+        components, real, outputs, real_outputs, routing = {}, {}, [], [], []
         for node in module.graph.nodes:
+            if node.target is routed_attention:
+                queries, keys = shape_of(node.args[0]), shape_of(node.args[1])
+                routing.append((node, _numel(queries[:-3]) * queries[-2] * keys[-2], int(queries[-3])))
             value = node.meta.get("fxdepass_real")
             if value is None and node in returned:
                 real_outputs.append((node, _numel(shape_of(node))))
@@ -900,7 +915,7 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
                 share = sympy.Rational(columns, last_axis(value)) if columns is not None else 1
                 components.setdefault(_numel(shape_of(value)) * share, node)
         module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
-                                       real_outputs)
+                                       real_outputs, routing)
     return module.meta[key]
 
 
