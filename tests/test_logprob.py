@@ -136,3 +136,20 @@ def test_generated_tokens_logprob(decomposed: fxdepass.DecomposedModel) -> None:
         assert relative_error(scores[:-1], linear[: position + 1]) <= 1e-9
     with pytest.raises(fxdepass.InvalidInputError, match="target="):
         decomposed.generate_attributed(prompt, max_new_tokens=1, target="probability")
+
+
+def test_logprob_without_a_linear_head() -> None:
+    """Gemma 2 caps its logits (``30·tanh(z/30)``): no linear head maps the hidden state to them, so the
+    target contracts the components of every logit with ``c`` — still exact."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Gemma2Config(vocab_size=families.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                       final_logit_softcapping=30.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    decomposed = fxdepass.compile(model, dtype=torch.float64)
+    assert decomposed._linear_head(next(iter(decomposed._captures.values()))) is None
+    ids = torch.randint(0, families.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    every = decomposed.attribute(ids, positions="all", targets="all")
+    _check_logprob(every, decomposed.attribute(ids, positions="all", targets=fxdepass.logprob(5)), 5)
+    assert relative_error(every.total.log_softmax(-1), _model_log_p(model, ids)) <= MODEL_RUN
