@@ -407,6 +407,21 @@ def _embeddings(model: torch.nn.Module, prompt: Prompt) -> torch.Tensor:
     return model.get_input_embeddings()(prompt.ids.unsqueeze(0)).detach().requires_grad_(True)
 
 
+def _last_call(function: Callable[[torch.nn.Module, Prompt], Any]) -> Callable[[torch.nn.Module, Prompt], Any]:
+    """``function(model, prompt)`` that remembers its last result: the baselines of one prompt share one
+    gradient and one set of attention maps (the first method to ask is timed for it)."""
+    last: dict[str, Any] = {}
+
+    def remembered(model: torch.nn.Module, prompt: Prompt) -> Any:
+        key = (tuple(prompt.ids.tolist()), prompt.target)
+        if last.get("model") is not model or last.get("key") != key:
+            last.update(model=model, key=key, value=function(model, prompt))
+        return last["value"]
+
+    return remembered
+
+
+@_last_call
 def _embedding_gradient(model: torch.nn.Module, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings ``[N, d]`` and the gradient of the target log-probability with respect to them."""
     embeddings = _embeddings(model, prompt)
@@ -467,6 +482,7 @@ def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+@_last_call
 @torch.no_grad()
 def _attention_maps(model: torch.nn.Module, prompt: Prompt) -> torch.Tensor:
     """``[layers, heads, N, N]`` attention probabilities."""

@@ -45,7 +45,7 @@ DOCS = ROOT / "docs"
 #: held-out prompts per toy task
 TOY_PROMPTS = 200
 #: indirect-object prompts drawn for SmolLM2, and how many of those it answers are used (the first ones)
-IOI_DRAWN, IOI_USED = 120, 48
+IOI_DRAWN, IOI_USED = 120, 40
 #: integrated-gradients steps on the toy models and on SmolLM2 (where each step is a forward and backward of a 135M model)
 IG_STEPS = {"toy": 50, "smollm2": 20}
 #: the paper's variant: frozen attention, softmax allocation with the sink option, the answer's logit
@@ -66,6 +66,8 @@ class Task:
     training: tuple[str, ...] = ()
     #: which parts the masking study masks (empty: no component level)
     parts: tuple[str, ...] = ("heads", "neurons")
+    #: whether the token and component levels run as two jobs (in parallel workers; each loads and compiles)
+    split: bool = False
 
     @property
     def directory(self) -> Path:
@@ -74,7 +76,7 @@ class Task:
 
 TASKS = (
     Task("smollm2-facts", "SmolLM2: factual prompts", "smollm2", parts=()),
-    Task("smollm2-ioi", "SmolLM2: indirect objects", "smollm2", parts=("heads",)),
+    Task("smollm2-ioi", "SmolLM2: indirect objects", "smollm2", parts=("heads",), split=True),
     Task("kv-recall", "toy: key-value recall", "toy", "tasks", "value"),
     # More heads than the others, so that small percentages of heads are distinct sets.
     Task("ioi", "toy: indirect objects", "toy", "ioi", "io", ("--task", "ioi", "--layers", "3", "--heads", "8",
@@ -169,8 +171,12 @@ def load_task(task: Task, count: int | None) -> tuple[torch.nn.Module, Any, list
     return model, tokenizer, used, line + ".", len(drawn)
 
 
-def run_task(task: Task, count: int | None) -> TaskResult:
-    """Load (training a toy model if needed), compile every DePass variant, evaluate every method."""
+LEVELS = ("tokens", "components")
+
+
+def run_task(task: Task, count: int | None, levels: tuple[str, ...] = LEVELS) -> TaskResult:
+    """Load (training a toy model if needed), compile every DePass variant, evaluate every method at
+    ``levels``."""
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
@@ -182,20 +188,21 @@ def run_task(task: Task, count: int | None) -> TaskResult:
     started = time.perf_counter()
     compiled, unavailable = evaluate.depass_variants(model, dtype=dtype, tokenizer=tokenizer)
     allocations = {}
-    if toy:  # the paper's other activation allocations, logit target only
+    if toy and "tokens" in levels:  # the paper's other activation allocations, logit target only
         allocations = {f"DePass {a}-allocation": fxdepass.compile(model, activation=a, dtype=dtype, tokenizer=tokenizer)
                        for a in ("linear", "max")}
     seconds["compile"] = time.perf_counter() - started
-    methods = evaluate.token_methods(model, compiled, ig_steps=IG_STEPS[task.model])
-    for name, variant in allocations.items():
-        extra = evaluate.depass_tokens(variant, kinds=("logit",))
-        methods = {**{k: v for k, v in methods.items() if k.startswith("DePass")},
-                   f"{name} logit": extra["logit"], **{k: v for k, v in methods.items() if not k.startswith("DePass")}}
-    started = time.perf_counter()
-    tokens = evaluate.evaluate_tokens(model, prompts, methods)
-    seconds["tokens"] = time.perf_counter() - started
-    components = {}
-    if task.parts:
+    tokens, components = {}, {}
+    if "tokens" in levels:
+        methods = evaluate.token_methods(model, compiled, ig_steps=IG_STEPS[task.model])
+        for name, variant in allocations.items():
+            methods = {**{k: v for k, v in methods.items() if k.startswith("DePass")},
+                       f"{name} logit": evaluate.depass_tokens(variant, kinds=("logit",))["logit"],
+                       **{k: v for k, v in methods.items() if not k.startswith("DePass")}}
+        started = time.perf_counter()
+        tokens = evaluate.evaluate_tokens(model, prompts, methods)
+        seconds["tokens"] = time.perf_counter() - started
+    if "components" in levels and task.parts:
         started = time.perf_counter()
         methods = evaluate.component_methods(model, compiled, parts=task.parts)
         components = evaluate.evaluate_components(model, prompts, methods)
@@ -208,16 +215,33 @@ def run_task(task: Task, count: int | None) -> TaskResult:
                       components, unavailable, seconds)
 
 
+def _merged(parts: list[TaskResult]) -> TaskResult:
+    """One task's result from its jobs: the levels each computed, the times added up."""
+    merged = dataclasses.replace(parts[0], seconds=collections.Counter())
+    for part in parts:
+        merged.tokens = merged.tokens or part.tokens
+        merged.components = merged.components or part.components
+        merged.seconds.update(part.seconds)
+    merged.seconds = dict(merged.seconds)
+    return merged
+
+
 def run_all(tasks: list[Task], count: int | None, workers: int) -> list[TaskResult]:
-    """Every task, in ``workers`` processes of one thread each (the two SmolLM2 jobs first: the longest)."""
+    """Every task, its jobs in ``workers`` processes of one thread each (SmolLM2's first: the longest)."""
+    jobs = [(t, (level,)) for t in tasks if t.split and t.parts for level in reversed(LEVELS)]
+    jobs += [(t, LEVELS) for t in tasks if not (t.split and t.parts)]
+    jobs.sort(key=lambda job: job[0].model != "smollm2")
     if workers <= 1:
-        return [run_task(t, count) for t in tasks]
-    context = multiprocessing.get_context("fork")  # the workers inherit the imported torch and transformers
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(run_task, t, count): t for t in tasks}
-        for future in concurrent.futures.as_completed(futures):
-            print(f"{futures[future].name}: {future.result().seconds['total']:.0f} s", flush=True)
-        return [f.result() for f in futures]
+        done = [run_task(t, count, levels) for t, levels in jobs]
+    else:
+        context = multiprocessing.get_context("fork")  # the workers inherit the imported torch and transformers
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(run_task, t, count, levels): (t, levels) for t, levels in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                task, levels = futures[future]
+                print(f"{task.name} ({', '.join(levels)}): {future.result().seconds['total']:.0f} s", flush=True)
+            done = [f.result() for f in futures]
+    return [_merged([r for r in done if r.task == t]) for t in tasks]
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -332,7 +356,7 @@ def task_section(r: TaskResult) -> list[str]:
         "",
         f"Prompts: {r.prompts_line} Mean length {r.mean_length:.1f} tokens.",
         "",
-        f"Wall time: {s['total']:.0f} s ({times}); *time* columns are each method's own share (computing its "
+        f"Time: {s['total']:.0f} s ({times}{'; two jobs, each loading and compiling' if r.task.split else ''}); *time* columns are each method's own share (computing its "
         "scores; the DePass target kinds of one compiled model share one decomposed pass, timed on the first).",
         "",
         "### Tokens: the paper's protocol, and the ground truth",
