@@ -10,7 +10,7 @@ import sympy
 import torch
 import torch.fx
 
-from .blocked import BlockedInterpreter, neuron_regions, routes_in_chunks, supports_blocks
+from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
 from .diagnose import diagnose
 from .errors import (
@@ -479,8 +479,10 @@ class DecomposedModel:
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
         blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
         routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner below will
-        estimate = self._check_memory(module, captured, ids, blocked, sliced, routed, memory_limit,
-                                      len(labels) if labels else ids.shape[1] + 1)
+        read_targets = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1]))
+        plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict,
+                        target_rows=read_targets * head[0].shape[0] if head is not None else 0)
+        estimate = self._check_memory(module, captured, ids, plan, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
@@ -603,33 +605,55 @@ class DecomposedModel:
         warnings.warn("fxdepass: " + message, stacklevel=3)
 
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
-                        components: int, sliced: bool = False, routed: bool = False) -> int:
-        """Estimated peak bytes of one decomposed pass: the largest components tensor and the largest real
-        tensor, each held about three times (an input, the output, a temporary).  ``sliced``: MLP hidden
-        layers run in neuron slices (Note [Neuron chunks]) and do not count; ``routed``: nor do routed
-        rows, run in chunks (Note [Routed rows]).  A projection narrowed to the columns that are read
-        counts those; values whose size depends on the data (the rows routed to one expert) are left out,
-        unknown before the run.
+                        components: int, plan: PassPlan | None = None) -> int:
+        """Estimated peak bytes of one decomposed pass run as ``plan`` says (default: the dense module).
+
+        Inside the pass, the largest components tensor and the largest real tensor, each held about three
+        times (an input, the output, a temporary), 0.6 of that in causal blocks; the outputs' components
+        2.5 times (1.5 read at the last position only) and the real outputs once, all at once (assembled whole, then summed by the reconstruction
+        check); and the target
+        rows' logits, coefficients and their copies, twice ``target_rows`` values.  On SmolLM2
+        (float32, N = 16 and 40, tools/bench.py rows) this is 0.95–1.5× the allocator's peak.  Values run in
+        neuron slices (``sliced``, Note [Neuron chunks]) or routed chunks (``routed``, Note [Routed rows])
+        do not count; after the last attention a ``last_position_only`` pass holds one position.  A
+        projection narrowed to the columns that are read counts those; values whose size depends on the
+        data (the rows routed to one expert) are left out, unknown before the run.  The bench checks the
+        estimate against the allocator's peak (docs/performance.md, *estimate MB*).
 
         >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
         50331648
         """
+        plan = plan or PassPlan()
         values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
         symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
-        component_sizes, real_sizes = _value_sizes(module, sliced, routed)
+        tail = set()
+        if plan.last_position_only and isinstance(captured.sequence_length, torch.SymInt):
+            tail = position_wise_tail(module, captured.sequence_length.node.expr, captured.batch_symbol)
+        sizes = _value_sizes(module, plan.sliced, plan.routed)
 
-        def largest(sizes: set[sympy.Expr], growing: bool = False) -> int:
-            found = [size.subs(symbols) for size in sizes if not growing or size.free_symbols & set(symbols)]
-            return max([int(size) for size in found if not size.free_symbols], default=0)  # unbacked: unknown
+        def evaluate(size: sympy.Expr, node: torch.fx.Node) -> int | None:
+            last = {captured.sequence_length.node.expr: 1} if node in tail else {}
+            found = size.subs({**symbols, **last})
+            return None if found.free_symbols else int(found)  # unbacked: unknown
 
-        total = components * largest(component_sizes) + largest(real_sizes, growing=True)
-        return 3 * total * torch.finfo(self.dtype).bits // 8
+        def largest(found: list[tuple[torch.fx.Node, sympy.Expr]], growing: bool = False) -> int:
+            kept = [evaluate(size, node) for node, size in found if not growing or size.free_symbols & set(symbols)]
+            return max([k for k in kept if k is not None], default=0)
 
-    def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, blocked: bool,
-                      sliced: bool, routed: bool, limit: int | None, components: int) -> int:
+        def total(found: list[tuple[torch.fx.Node, sympy.Expr]]) -> int:
+            return sum(v for v in (evaluate(size, node) for node, size in found) if v is not None)
+
+        inner = 3 * (components * largest(sizes.components) + largest(sizes.real, growing=True))
+        held = 1.5 if plan.last_position_only else 2.5  # measured on SmolLM2: the pass's own blocks, then assembled
+        outputs = held * components * total(sizes.outputs) + total(sizes.real_outputs)
+        inside = inner * (0.6 if plan.blocked else 1.0)
+        return int((inside + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
+
+    def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
+                      limit: int | None, components: int) -> int:
         """The estimated peak bytes of the pass; raises if they are above ``limit``."""
         limit = _available_memory() * 8 // 10 if limit is None else int(limit)
-        need = int(self.estimate_memory(module, captured, ids, components, sliced, routed) * (0.6 if blocked else 1.0))
+        need = self.estimate_memory(module, captured, ids, components, plan)
         if need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
             raise OutOfMemoryEstimateError(
@@ -814,24 +838,54 @@ def compile(
     return decomposed
 
 
-def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> tuple[set[sympy.Expr], set[sympy.Expr]]:
-    """The distinct element counts (in the graph's size symbols) of the components values that exist in
-    full, and of the real values; found once per module and runner (see ``estimate_memory``)."""
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """How one decomposed pass runs, as far as its memory depends on it (``DecomposedModel.estimate_memory``):
+    in causal ``blocked`` blocks, MLPs in neuron slices (``sliced``), routed sections in chunks (``routed``),
+    everything after the last attention at the last position only, and ``target_rows`` values of the
+    logits read for the targets (prompts × read positions × vocabulary; 0 when the logits are the output)."""
+
+    blocked: bool = False
+    sliced: bool = False
+    routed: bool = False
+    last_position_only: bool = False
+    target_rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _ValueSizes:
+    """Element counts, in the graph's size symbols, with the node each belongs to: of the components values
+    that exist in full inside the pass, of the real values, of the outputs' components and of the real outputs."""
+
+    components: list[tuple[torch.fx.Node, sympy.Expr]]
+    real: list[tuple[torch.fx.Node, sympy.Expr]]
+    outputs: list[tuple[torch.fx.Node, sympy.Expr]]
+    real_outputs: list[tuple[torch.fx.Node, sympy.Expr]]
+
+
+def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _ValueSizes:
+    """The sizes ``estimate_memory`` weighs, found once per module and runner (distinct per node kind)."""
     key = ("value_sizes", sliced, routed)
     if key not in module.meta:
         chunked = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
         if routed:
             chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
-        component_sizes, real_sizes = set(), set()
+        returned = set(module.graph.output_node().all_input_nodes)
+        components, real, outputs, real_outputs = {}, {}, [], []
         for node in module.graph.nodes:
-            real = node.meta.get("fxdepass_real")
-            if real is None:
-                real_sizes.add(_numel(shape_of(node)))
+            value = node.meta.get("fxdepass_real")
+            if value is None and node in returned:
+                real_outputs.append((node, _numel(shape_of(node))))
+            elif value is None:
+                real.setdefault(_numel(shape_of(node)), node)
+            elif node in returned:
+                outputs.append((node, _numel(shape_of(value))))
             elif node not in chunked:
                 columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
-                share = sympy.Rational(columns, last_axis(real)) if columns is not None else 1
-                component_sizes.add(_numel(shape_of(real)) * share)
-        module.meta[key] = (component_sizes, real_sizes)
+                share = sympy.Rational(columns, last_axis(value)) if columns is not None else 1
+                components.setdefault(_numel(shape_of(value)) * share, node)
+        module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
+                                       real_outputs)
     return module.meta[key]
 
 

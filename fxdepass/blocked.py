@@ -270,6 +270,19 @@ def _exclude_sink(logits: torch.Tensor, component: int, own: int, count: int, po
         row.narrow(position_axis, own + 1, length - own - 1).fill_(float("-inf"))
 
 
+def position_wise_tail(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: sympy.Symbol | None) -> set[torch.fx.Node]:
+    """Component nodes after the last one that mixes positions (attention applied to values: a rule
+    reading a real value with two position axes): position-wise, so a pass read at the last position
+    only computes them there (cached on the module)."""
+    key = ("position_wise_tail", symbol, batch)
+    if key not in module.meta:
+        nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
+        mixing = [i for i, n in enumerate(nodes) if n.target is scaled_dot_product_attention
+                  or any(len(_position_axes(a, symbol, batch)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
+        module.meta[key] = set(nodes[mixing[-1] + 1:] if mixing else nodes)
+    return module.meta[key]
+
+
 class BlockedInterpreter(torch.fx.Interpreter):
     """Run a generated module with token components in causal blocks; see Note [Causal blocks].
 
@@ -285,7 +298,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         self.symbol, self.batch, self.blocks = symbol, batch, blocks
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
-        self.tail = self._tail(module) if last_position_only else set()
+        self.tail = position_wise_tail(module, symbol, batch) if last_position_only else set()
         # routed sections run in chunks of rows (one block only); their experts then need no neuron slices
         routed = list(routed_regions(module).values()) if routes_in_chunks(blocks, last_position_only) else []
         self.routed = {m: r for r in routed for m in r.members}
@@ -324,13 +337,6 @@ class BlockedInterpreter(torch.fx.Interpreter):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _tail(self, module: torch.fx.GraphModule) -> set[torch.fx.Node]:
-        """Component nodes after the last one that mixes positions (attention applied to values: a rule
-        reading a real value with two position axes): position-wise, so computable at one position."""
-        nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
-        mixing = [i for i, n in enumerate(nodes) if n.target is scaled_dot_product_attention
-                  or any(len(self.axes(a)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
-        return set(nodes[mixing[-1] + 1:] if mixing else nodes)
 
     def _accumulations(self, module: torch.fx.GraphModule, outputs: set[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
         """Projection → the residual it can be summed into (Note [Residual accumulation]); the views

@@ -176,18 +176,34 @@ def test_unsupported_op_is_reported_at_compile_time() -> None:
     assert "register_rule" in message and "deflinear" in message
 
 
+READS = {"target row": dict(targets=[1]), "every logit, last position": dict(targets="all"),
+         "every logit, every position": dict(targets="all", positions="all"), "target rows, every position": dict(positions="all")}
+
+
+@pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("family, seed", [("llama", fxdepass.tokens()), ("llama", fxdepass.heads(1)),
                                           ("gpt2", fxdepass.tokens()), ("mixtral", fxdepass.tokens())])
-def test_memory_estimate_is_near_the_measured_peak(family: str, seed: object) -> None:
-    """The guard's estimate, made before the pass, against the allocator's peak during it: not below 3/4
-    of it (the guard would let a run through that does not fit) nor above 2.5 times (it would refuse runs
-    that fit; before it counted fused projections' unread columns and routed rows run in chunks)."""
+def test_memory_estimate_is_near_the_measured_peak(family: str, seed: object, read: str) -> None:
+    """The guard's estimate, made before the pass, against the allocator's peak during it, for each way of
+    reading the logits: not below 3/4 of it (the guard would let a run through that does not fit) nor above
+    3 times (it would refuse runs that fit; tiny models' peaks are dominated by
+    small fixed costs, so 64 KiB of them are allowed beyond the 3/4; before, reading the last position only left the estimate at
+    every position's, and every logit at every position was 0.66× the peak on SmolLM2)."""
     model = families.build(family, layers=2)
     ids = torch.randint(0, families.VOCAB, (1, 64), generator=torch.Generator().manual_seed(1))
     decomposed = fxdepass.compile(model)
-    estimate = decomposed.attribute(ids, seed=seed, targets=[1]).memory_estimate
-    peak = load_tool("bench").allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[1]))
-    assert 0.75 * peak <= estimate <= 2.5 * peak
+    estimate = decomposed.attribute(ids, seed=seed, **READS[read]).memory_estimate
+    peak = load_tool("bench").allocator_peak(lambda: decomposed.attribute(ids, seed=seed, **READS[read]))
+    assert 0.75 * peak - 64 * 1024 <= estimate <= 3 * peak, (estimate, peak)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_memory_estimate_on_smollm2(smollm2_float64, read: str) -> None:
+    """The same on the real model (49k vocabulary, 30 layers): within 0.8–1.5× of the allocator's peak."""
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(40))
+    estimate = smollm2_float64.attribute(ids, **READS[read]).memory_estimate
+    peak = load_tool("bench").allocator_peak(lambda: smollm2_float64.attribute(ids, **READS[read]))
+    assert 0.8 * peak <= estimate <= 1.5 * peak, (estimate, peak)
 
 
 def test_memory_estimate_leaves_out_data_dependent_sizes() -> None:
