@@ -24,7 +24,7 @@ from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
 from .readouts import readout_nodes
-from .rewrite import Policy, build_module
+from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from .targets import Predicted, Target, Token, per_prompt
@@ -223,6 +223,7 @@ class DecomposedModel:
         example_inputs: Any = None,
         activation: str = "softmax",
         temperature: float = 0.1,
+        attention: str = "frozen",
         dtype: torch.dtype | None = None,
         tokenizer: Any = None,
         causal_blocks: int = 8,
@@ -230,13 +231,15 @@ class DecomposedModel:
     ):
         if activation not in ALLOCATIONS:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
+        if attention not in ATTENTIONS:
+            raise InvalidInputError(f"attention={attention!r}; choose one of {ATTENTIONS}")
         if not temperature > 0:
             raise InvalidInputError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.tokenizer = tokenizer
         self.causal_blocks = int(causal_blocks)
         self.torch_compile = bool(torch_compile)
-        self.policy = Policy(activation, float(temperature))
+        self.policy = Policy(activation, float(temperature), attention)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = parameter.device if parameter is not None else torch.device("cpu")
@@ -812,6 +815,7 @@ def compile(
     example_inputs: Any = None,
     activation: str = "softmax",
     temperature: float = 0.1,
+    attention: str = "frozen",
     dtype: torch.dtype | None = None,
     tokenizer: Any = None,
     causal_blocks: int = 8,
@@ -821,6 +825,10 @@ def compile(
 
     ``activation`` picks how activations are allocated (``"softmax"``, ``"linear"``, ``"max"``), with
     ``temperature`` for softmax; ``dtype=torch.float64`` runs real and decomposed passes in float64.
+    ``attention="frozen"`` (default, the paper's rule) credits attention only through its values;
+    ``attention="routed"`` also credits components for where attention goes, by their part of the
+    scores, still summing exactly (Note [Attention routing credit] in rules/attention.py; needs
+    ``scaled_dot_product_attention``, the default ``attn_implementation="sdpa"``).
     ``causal_blocks`` splits token components of a causal model into that many blocks so that the
     zeros before each token's position are never computed (0 or 1: one dense block).
     ``torch_compile=True`` runs the dense generated module through ``torch.compile`` (measured in
@@ -831,7 +839,7 @@ def compile(
     >>> decomposed.attribute(input_ids).scores()                               # doctest: +SKIP
     """
     decomposed = DecomposedModel(
-        model, example_inputs=example_inputs, activation=activation, temperature=temperature, dtype=dtype,
+        model, example_inputs=example_inputs, activation=activation, temperature=temperature, attention=attention, dtype=dtype,
         tokenizer=tokenizer, causal_blocks=causal_blocks, torch_compile=torch_compile,
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
