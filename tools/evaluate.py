@@ -2,7 +2,8 @@
 on SmolLM2 and on the toy tasks, with bootstrap confidence intervals over prompts.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/evaluate.py                       # docs/faithfulness.*
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/evaluate.py --tasks ioi --prompts 20   # a quick look, printed
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/evaluate.py --tasks ioi --prompts 20   # a look, printed
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tools/evaluate.py --quick --tasks kv-recall  # every step, tiny sizes
 
 Tasks (:data:`TASKS`): SmolLM2-135M-Instruct (``fxdepass.load("smollm2")``) on the factual prompts of
 ``tools/data/facts.tsv`` and on indirect-object prompts with real names (``tools/smollm2_prompts.py``),
@@ -46,8 +47,12 @@ DOCS = ROOT / "docs"
 TOY_PROMPTS = 200
 #: indirect-object prompts drawn for SmolLM2, and how many of those it answers are used (the first ones)
 IOI_DRAWN, IOI_USED = 120, 40
+#: how many of the factual prompts SmolLM2 answers are used (the first ones; keeps `make evaluate` near 30 minutes)
+FACTS_USED = 60
 #: integrated-gradients steps on the toy models and on SmolLM2 (where each step is a forward and backward of a 135M model)
 IG_STEPS = {"toy": 50, "smollm2": 20}
+#: ``--quick``: prompts per task and integrated-gradients steps, to check that every step runs (not to read)
+QUICK_PROMPTS, QUICK_IG_STEPS = 6, 4
 #: the paper's variant: frozen attention, softmax allocation with the sink option, the answer's logit
 PAPER = "DePass logit"
 
@@ -161,7 +166,7 @@ def load_task(task: Task, count: int | None) -> tuple[torch.nn.Module, Any, list
     correct = {id(p) for p in evaluate.answered(model, drawn)}
     kept = [id(p) in correct for p in drawn]
     used = [p for p, k in zip(drawn, kept) if k]
-    cap = IOI_USED if task.name == "smollm2-ioi" else None
+    cap = {"smollm2-ioi": IOI_USED, "smollm2-facts": FACTS_USED}.get(task.name)
     if count is not None and task.model == "smollm2":
         cap = count
     line = f"{source}; the model answers {len(used)} of them (greedy first token = target; {_counted(labels, kept)})"
@@ -174,9 +179,9 @@ def load_task(task: Task, count: int | None) -> tuple[torch.nn.Module, Any, list
 LEVELS = ("tokens", "components")
 
 
-def run_task(task: Task, count: int | None, levels: tuple[str, ...] = LEVELS) -> TaskResult:
+def run_task(task: Task, count: int | None, levels: tuple[str, ...] = LEVELS, quick: bool = False) -> TaskResult:
     """Load (training a toy model if needed), compile every DePass variant, evaluate every method at
-    ``levels``."""
+    ``levels``; ``quick`` takes few integrated-gradients steps."""
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
@@ -194,7 +199,7 @@ def run_task(task: Task, count: int | None, levels: tuple[str, ...] = LEVELS) ->
     seconds["compile"] = time.perf_counter() - started
     tokens, components = {}, {}
     if "tokens" in levels:
-        methods = evaluate.token_methods(model, compiled, ig_steps=IG_STEPS[task.model])
+        methods = evaluate.token_methods(model, compiled, ig_steps=QUICK_IG_STEPS if quick else IG_STEPS[task.model])
         for name, variant in allocations.items():
             methods = {**{k: v for k, v in methods.items() if k.startswith("DePass")},
                        f"{name} logit": evaluate.depass_tokens(variant, kinds=("logit",))["logit"],
@@ -226,17 +231,17 @@ def _merged(parts: list[TaskResult]) -> TaskResult:
     return merged
 
 
-def run_all(tasks: list[Task], count: int | None, workers: int) -> list[TaskResult]:
+def run_all(tasks: list[Task], count: int | None, workers: int, quick: bool = False) -> list[TaskResult]:
     """Every task, its jobs in ``workers`` processes of one thread each (SmolLM2's first: the longest)."""
     jobs = [(t, (level,)) for t in tasks if t.split and t.parts for level in reversed(LEVELS)]
     jobs += [(t, LEVELS) for t in tasks if not (t.split and t.parts)]
     jobs.sort(key=lambda job: job[0].model != "smollm2")
     if workers <= 1:
-        done = [run_task(t, count, levels) for t, levels in jobs]
+        done = [run_task(t, count, levels, quick) for t, levels in jobs]
     else:
         context = multiprocessing.get_context("fork")  # the workers inherit the imported torch and transformers
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(run_task, t, count, levels): (t, levels) for t, levels in jobs}
+            futures = {pool.submit(run_task, t, count, levels, quick): (t, levels) for t, levels in jobs}
             for future in concurrent.futures.as_completed(futures):
                 task, levels = futures[future]
                 print(f"{task.name} ({', '.join(levels)}): {future.result().seconds['total']:.0f} s", flush=True)
@@ -573,6 +578,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=None,
                         help=f"prompts per task (toys: drawn, default {TOY_PROMPTS}; SmolLM2: at most this many of "
                              "those answered); given, the report is printed and docs are untouched")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_PROMPTS} prompts per task (unless --prompts says), {QUICK_IG_STEPS} integrated-"
+                             "gradients steps: checks that every step runs; the report is printed, docs untouched")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one thread each")
     return parser.parse_args(argv)
@@ -584,10 +592,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(names) - {t.name for t in TASKS}
     if unknown:
         raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {[t.name for t in TASKS]}")
+    count = args.prompts if args.prompts is not None or not args.quick else QUICK_PROMPTS
     started = time.perf_counter()
-    results = run_all([t for t in TASKS if t.name in names], args.prompts, args.workers)
+    results = run_all([t for t in TASKS if t.name in names], count, args.workers, args.quick)
     wall = time.perf_counter() - started
-    complete = len(results) == len(TASKS) and args.prompts is None
+    complete = len(results) == len(TASKS) and count is None
     plot = DOCS / "faithfulness.png" if complete else ROOT / "out" / "faithfulness.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, plot)
