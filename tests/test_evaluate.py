@@ -13,6 +13,7 @@ import torch
 
 import fxdepass
 import tiny
+from conftest import load_tool
 from fxdepass import evaluate
 
 VOCAB, TARGET, FOIL, KEY = 16, 15, 3, 4     # KEY: the position of the one token that decides the prediction
@@ -233,6 +234,44 @@ def test_routed_variant_is_compiled_or_reported() -> None:
         assert "DePass routed" in compiled or "not available for this model" in unavailable["DePass routed"]
     else:
         assert unavailable == {"DePass routed": "not available in this build (fxdepass.compile has no attention= option)"}
+
+
+def test_quick_run_of_the_tool(monkeypatch, capsys) -> None:
+    """``tools/evaluate.py --quick`` on one toy task: every DePass variant (routed included: the toy model
+    loads with sdpa) and every baseline at both levels, intervals around their means, the report printed
+    and docs/faithfulness.md untouched."""
+    pytest.importorskip("captum", reason="integrated gradients need captum")
+    pytest.importorskip("matplotlib", reason="the tool plots the removal curves")
+    tool = load_tool("evaluate")
+    docs = tool.DOCS / "faithfulness.md"
+    before = docs.read_bytes() if docs.exists() else None
+    seen = []
+    run_all = tool.run_all
+    monkeypatch.setattr(tool, "run_all", lambda *args: seen.extend(run_all(*args)) or seen)
+    tool.main(["--quick", "--tasks", "kv-recall", "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert (docs.read_bytes() if docs.exists() else None) == before
+    [result] = seen
+    assert result.unavailable == {}
+    depass = [f"DePass {v}{k}" for v in ("", "routed ") for k in evaluate.TARGET_KINDS]
+    depass += ["DePass linear-allocation logit", "DePass max-allocation logit"]
+    baselines = ["integrated gradients", "random"]
+    assert set(depass + baselines) <= set(result.tokens)
+    assert set(result.components) == {"heads", "neurons"}
+    assert 0 < result.used <= tool.QUICK_PROMPTS
+    levels = [result.tokens] + list(result.components.values())
+    for results in levels:
+        for name, r in results.items():
+            assert r.prompts == result.used, name
+            for measure, values in r.values.items():
+                assert len(values) == result.used, (name, measure)
+                low, high = r.interval(measure)
+                assert low - 1e-12 <= r.mean(measure) <= high + 1e-12, (name, measure)
+    for name, r in result.tokens.items():
+        assert r.sufficiency_curve[-1] == 0.0, name                # k = 100% keeps the whole prompt
+    for name in depass + ["DePass routed contrastive"]:
+        assert f"| {name} |" in printed, name
+    assert "## toy: key-value recall" in printed and "### Heads: masking" in printed
 
 
 def test_importing_fxdepass_does_not_import_captum() -> None:
