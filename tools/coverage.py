@@ -71,7 +71,8 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(DEPTH, LAYERS),
     **dict.fromkeys(["hidden_size", "n_embd", "d_model", "dim", "emb_dim", "embedding_size", "word_embed_proj_dim",
                      "input_embedding_size", "output_embedding_size", "embedding_dim"], HEADS * HEAD_DIM),
-    **dict.fromkeys([*HEAD_COUNTS, "linear_num_heads", "linear_num_key_heads", "linear_num_value_heads"], HEADS),
+    **dict.fromkeys([*HEAD_COUNTS, "index_num_heads", "linear_num_heads", "linear_num_key_heads",
+                     "linear_num_value_heads"], HEADS),
     **dict.fromkeys(["head_dim", "kv_channels", "d_head", "attention_head_size", "v_head_dim", "qk_rope_head_dim",
                      "qk_nope_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"], HEAD_DIM),
     **dict.fromkeys(["intermediate_size", "ffn_dim", "ffn_hidden_size", "hidden_dim", "d_ff", "dff", "d_inner",
@@ -474,16 +475,18 @@ def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / max(whole, 1):.0f}%"
 
 
-def previous_rows(text: str) -> tuple[str, float, dict[str, Result]]:
-    """An earlier report's transformers version, walk minutes and rows (by model type), so that
+def previous_rows(text: str) -> tuple[str, float, int, dict[str, Result]]:
+    """An earlier report's transformers version, walk minutes and families at a time, and its rows (by
+    model type), so that
     ``--update`` can re-run a few families and keep the others.
 
     >>> previous_rows("with transformers 5.23.0 and torch 2.13, 2 families at a time, in 9 minutes\\n"
-    ...               "## Decoders\\n| llama | LlamaForCausalLM | exact | 6.6e-16 | 5.3 |")[2]["llama"].error
+    ...               "## Decoders\\n| llama | LlamaForCausalLM | exact | 6.6e-16 | 5.3 |")[3]["llama"].error
     6.6e-16
     """
     version = re.search(r"with transformers (\S+) and", text).group(1)
     minutes = float(re.search(r"in (\d+) minutes", text).group(1))
+    jobs = int(re.search(r"(\d+) families at a time", text).group(1))
     rows: dict[str, Result] = {}
     encoder = None
     for line in text.splitlines():
@@ -498,7 +501,7 @@ def previous_rows(text: str) -> tuple[str, float, dict[str, Result]]:
         exported = not re.match(r"(config|model|export) failed|crashed|timed out", status)
         rows[model_type] = Result(Family(model_type, class_name, encoder), status, float(error) if error else None,
                                   float(seconds) if seconds else None, exported, float(rest) if rest else None)
-    return version, minutes, rows
+    return version, minutes, jobs, rows
 
 
 def render(results: list[Result], minutes: float, jobs: int, updated: list[str] | None = None) -> str:
@@ -522,9 +525,9 @@ def render(results: list[Result], minutes: float, jobs: int, updated: list[str] 
         summary(results),
     ]
     if updated:
-        lines[4:4] = [f"Rows of {', '.join(updated)} re-run with `python tools/coverage.py --update --only "
+        lines[4:4] = ["", f"Rows of {', '.join(updated)} re-run with `python tools/coverage.py --update --only "
                       f"{','.join(updated)}`; the others are from the last full walk (rest share blank where that "
-                      "walk did not measure it).", ""]
+                      "walk did not measure it)."]
     for title, encoder in (("Decoders", False), ("Encoders", True)):
         lines += ["", f"## {title}", "", "| family | class | status | max relative error | rest share | compile time (s) |",
                   "|---|---|---|---|---|---|"]
@@ -541,7 +544,7 @@ def render(results: list[Result], minutes: float, jobs: int, updated: list[str] 
 
 def _merged(results: list[Result]) -> list[Result]:
     """Every walked family's row: re-run (``results``) or kept from docs/coverage.md."""
-    version, _, rows = previous_rows(OUTPUT.read_text())
+    version, _, _, rows = previous_rows(OUTPUT.read_text())
     if version != transformers.__version__:
         sys.exit(f"docs/coverage.md was walked with transformers {version}, this is {transformers.__version__}: "
                  "run the full walk (make coverage) instead of --update")
@@ -552,9 +555,10 @@ def _merged(results: list[Result]) -> list[Result]:
     return [rows[f.model_type] for f in families()]
 
 
-def _updated(results: list[Result], jobs: int) -> str:
-    """docs/coverage.md with the rows of ``results`` replaced (or added); the header keeps the full walk's time."""
-    _, minutes, _ = previous_rows(OUTPUT.read_text())
+def _updated(results: list[Result]) -> str:
+    """docs/coverage.md with the rows of ``results`` replaced (or added); the header keeps the full walk's
+    time and families at a time."""
+    _, minutes, jobs, _ = previous_rows(OUTPUT.read_text())
     return render(_merged(results), minutes, jobs, updated=[r.family.model_type for r in results])
 
 
@@ -574,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(todo, options.jobs, options.timeout)
     report = render(results, (time.monotonic() - start) / 60, options.jobs)
     if options.only and options.update:
-        OUTPUT.write_text(_updated(results, options.jobs))
+        OUTPUT.write_text(_updated(results))
         print(summary(_merged(results)))
     elif options.only:
         print(report)
