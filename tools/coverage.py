@@ -58,6 +58,8 @@ LAYERS, HEADS, HEAD_DIM = 2, 4, 16
 VOCAB = 128
 #: float64 tolerance of SPEC §5
 EXACT = 1e-9
+#: rest share above which the tokens get almost nothing (under a tenth): exact sums, but degenerate
+DEGENERATE = 0.9
 #: the float64 real pass against the model's own float32 output (SPEC §5's float32 tolerance)
 SAME_REAL = 1e-4
 
@@ -364,8 +366,8 @@ def check(family: Family) -> Result:
         return Result(family, f"attribution failed: {_reason(error)}", seconds=seconds, exported=True)
     error = attribution.reconstruction_error()
     real = _relative(attribution.total.to(ordinary.dtype), ordinary)
-    return Result(family, _verdict(error, real), error, seconds, exported=True,
-                  rest=rest_share(attribution.components, encoder=family.encoder))
+    rest = rest_share(attribution.components, encoder=family.encoder)
+    return Result(family, _verdict(error, real, rest), error, seconds, exported=True, rest=rest)
 
 
 def rest_share(components: torch.Tensor, *, encoder: bool) -> float:
@@ -389,16 +391,19 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def _verdict(error: float, real: float) -> str:
-    """``"exact"``, or what is wrong: the sum of the components, or the real pass itself.
+def _verdict(error: float, real: float, rest: float = 0.0) -> str:
+    """``"exact"``, or what is wrong: the sum of the components, the real pass itself, or tokens that get
+    almost nothing (rest share above :data:`DEGENERATE`).
 
-    >>> _verdict(1e-15, 1e-7), _verdict(1e-6, 1e-7)
-    ('exact', 'wrong sum')
+    >>> _verdict(1e-15, 1e-7), _verdict(1e-6, 1e-7), _verdict(1e-15, 1e-7, 0.99)[:10]
+    ('exact', 'wrong sum', 'degenerate')
     """
     if not error <= EXACT:
         return "wrong sum"
     if not real <= SAME_REAL:
         return f"real pass differs from the model (relative error {real:.1e})"
+    if rest > DEGENERATE:
+        return f"degenerate: the sum is exact but rest holds {rest:.2f} of the target (the tokens get almost nothing)"
     return "exact"
 
 
@@ -504,6 +509,16 @@ def previous_rows(text: str) -> tuple[str, float, int, dict[str, Result]]:
     return version, minutes, jobs, rows
 
 
+def previously_updated(text: str) -> list[str]:
+    """The families an earlier ``--update`` re-ran (named in the report's header).
+
+    >>> previously_updated("Rows of bart, llama re-run with")
+    ['bart', 'llama']
+    """
+    found = re.search(r"Rows of (.+?) re-run with", text)
+    return found.group(1).split(", ") if found else []
+
+
 def render(results: list[Result], minutes: float, jobs: int, updated: list[str] | None = None) -> str:
     """``docs/coverage.md``: a header, the summary line, a table of decoders and one of encoders."""
     lines = [
@@ -526,8 +541,8 @@ def render(results: list[Result], minutes: float, jobs: int, updated: list[str] 
     ]
     if updated:
         lines[4:4] = ["", f"Rows of {', '.join(updated)} re-run with `python tools/coverage.py --update --only "
-                      f"{','.join(updated)}`; the others are from the last full walk (rest share blank where that "
-                      "walk did not measure it)."]
+                      "FAMILIES` (one or more runs); the others are from the last full walk (rest share blank "
+                      "where that walk did not measure it)."]
     for title, encoder in (("Decoders", False), ("Encoders", True)):
         lines += ["", f"## {title}", "", "| family | class | status | max relative error | rest share | compile time (s) |",
                   "|---|---|---|---|---|---|"]
@@ -558,8 +573,10 @@ def _merged(results: list[Result]) -> list[Result]:
 def _updated(results: list[Result]) -> str:
     """docs/coverage.md with the rows of ``results`` replaced (or added); the header keeps the full walk's
     time and families at a time."""
-    _, minutes, jobs, _ = previous_rows(OUTPUT.read_text())
-    return render(_merged(results), minutes, jobs, updated=[r.family.model_type for r in results])
+    text = OUTPUT.read_text()
+    _, minutes, jobs, _ = previous_rows(text)
+    updated = list(dict.fromkeys([*previously_updated(text), *(r.family.model_type for r in results)]))
+    return render(_merged(results), minutes, jobs, updated=updated)
 
 
 def main(argv: list[str] | None = None) -> None:
