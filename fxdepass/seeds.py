@@ -534,7 +534,10 @@ def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:
 # learned prompt tokens), so the residual stream entering it is ``k`` positions longer than the
 # prompt.  The token seed keeps one component per *prompt* token, counted as the user counts them
 # (position 0 is the prompt's first token); the ``k`` added positions, the first ones along the
-# sequence axis, are no token of the prompt and go to rest.  The sink token (SPEC §2) is found only at
+# sequence axis, are no token of the prompt and go to rest.  That the added positions come first is
+# an assumption a static capture cannot check: ProphetNet *appends* two n-gram streams (3·N positions),
+# so its prompt tokens land on the streams and get almost nothing (docs/coverage.md: "degenerate").
+# The sink token (SPEC §2) is found only at
 # values whose position axis is the prompt's, so it does not apply inside such a model.
 
 
