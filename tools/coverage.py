@@ -4,12 +4,14 @@ Walks every text-only causal LM (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: ``*ForCa
 ``*LMHeadModel``, the standalone decoders of encoder-decoder families such as ``BartForCausalLM``
 included) and every bidirectional text encoder (``MODEL_MAPPING_NAMES`` of the model types with a
 masked-LM head that are not encoder-decoders) that the installed transformers exposes; every model
-type with such a head that is left out is listed with its reason (:func:`skipped`).  It builds a tiny random model of each from its config class's defaults (see Note
-[Tiny configs]), compiles it in float64, attributes a prompt token by token and writes
-``docs/coverage.md``.  Each model runs in its own forked process with a timeout, two at a time.
+type with such a head that is left out is listed with its reason (:func:`skipped`).  It builds a
+tiny random model of each from its config class's defaults (see Note [Tiny configs]), compiles it in
+float64, attributes a prompt token by token and writes ``docs/coverage.md``.  Each model runs in its
+own forked process with a timeout, two at a time.
 
     python tools/coverage.py                       # the full walk (make coverage)
     python tools/coverage.py --only llama,mixtral  # a few families, report printed, docs untouched
+    python tools/coverage.py --update --only bart  # re-run a few families' rows of docs/coverage.md
 
 Note [Tiny configs]
 ~~~~~~~~~~~~~~~~~~~
@@ -190,7 +192,9 @@ def families() -> list[Family]:
     for model_type in sorted(decoders | encoders):
         mapping = modeling_auto.MODEL_MAPPING_NAMES if model_type in encoders else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         name = mapping.get(model_type)
-        if isinstance(name, str) and (name not in found or _ownership(model_type, name) > _ownership(found[name].model_type, name)):
+        if not isinstance(name, str):
+            continue
+        if name not in found or _ownership(model_type, name) > _ownership(found[name].model_type, name):
             found[name] = Family(model_type, name, encoder=model_type in encoders)
     return sorted(found.values(), key=lambda f: (f.encoder, f.model_type))
 
