@@ -74,3 +74,17 @@ def test_the_default_read_out_equals_the_full_one(smollm2_float64, prompt_ids, s
     vocabulary = smollm2_float64.attribute(prompt_ids, seed=SEEDS[seed](width), targets="all")
     assert torch.allclose(vocabulary.components[:, 0, 0], full.components[:, 0, -1], rtol=0,
                           atol=1e-10 * full.components.abs().max())
+
+
+def test_string_and_contrastive_targets_on_the_real_model(smollm2_float64, smollm2, prompt_ids) -> None:
+    """targets=" Paris" and fxdepass.diff(" Paris", " London") equal the entries (and the difference of the
+    entries) of the whole vocabulary's components, and sum to the real value, in float64."""
+    tokenizer = smollm2[1]
+    paris, london = (tokenizer(text, add_special_tokens=False).input_ids[0] for text in (" Paris", " London"))
+    every = smollm2_float64.attribute(prompt_ids, targets="all").components[:, 0, 0]
+    string = smollm2_float64.attribute(prompt_ids, targets=" Paris")
+    contrast = smollm2_float64.attribute(prompt_ids, targets=fxdepass.diff(" Paris", " London"))
+    scale = every.abs().max()
+    assert torch.allclose(string.components[:, 0, 0, 0], every[:, paris], rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(contrast.components[:, 0, 0, 0], every[:, paris] - every[:, london], rtol=0, atol=1e-10 * scale)
+    assert string.reconstruction_error() <= 1e-9 and contrast.reconstruction_error() <= 1e-9
