@@ -479,9 +479,8 @@ class DecomposedModel:
         labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
         blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
         routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner below will
-        read_targets = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1]))
-        plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict,
-                        target_rows=read_targets * head[0].shape[0] if head is not None else 0)
+        target_rows = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1])) * head[0].shape[0]
+        plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict, target_rows=target_rows)
         estimate = self._check_memory(module, captured, ids, plan, memory_limit, len(labels) if labels else ids.shape[1] + 1)
         with torch.no_grad():
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
@@ -610,10 +609,10 @@ class DecomposedModel:
 
         Inside the pass, the largest components tensor and the largest real tensor, each held about three
         times (an input, the output, a temporary), 0.6 of that in causal blocks; the outputs' components
-        2.5 times (1.5 read at the last position only) and the real outputs once, all at once (assembled whole, then summed by the reconstruction
-        check); and the target
-        rows' logits, coefficients and their copies, twice ``target_rows`` values.  On SmolLM2
-        (float32, N = 16 and 40, tools/bench.py rows) this is 0.95–1.5× the allocator's peak.  Values run in
+        2.5 times (1.5 read at the last position only) and the real outputs once, all held at once
+        (assembled whole, then summed by the reconstruction check); and the target rows' logits,
+        coefficients and their copies, twice ``target_rows`` values.  tests/test_api.py holds this within
+        0.8–1.5× of the allocator's peak on SmolLM2 (``test_memory_estimate_on_smollm2``).  Values run in
         neuron slices (``sliced``, Note [Neuron chunks]) or routed chunks (``routed``, Note [Routed rows])
         do not count; after the last attention a ``last_position_only`` pass holds one position.  A
         projection narrowed to the columns that are read counts those; values whose size depends on the

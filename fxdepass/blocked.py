@@ -337,7 +337,6 @@ class BlockedInterpreter(torch.fx.Interpreter):
 
     # -- helpers -----------------------------------------------------------------------------
 
-
     def _accumulations(self, module: torch.fx.GraphModule, outputs: set[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
         """Projection → the residual it can be summed into (Note [Residual accumulation]); the views
         and copies between the projection and the add go to ``self.passes`` (they pass the sum on).  Routed

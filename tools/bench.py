@@ -6,6 +6,8 @@ absolute seconds from different runs.
 
     python tools/bench.py                 # the whole table → docs/performance.md
     python tools/bench.py --one llama small 64 tokens   # one configuration, prints a JSON line
+    python tools/bench.py --one smollm2 real 64 tokens --read vocab   # every logit at the last position
+    python tools/bench.py --only smollm2  # rerun one family, keep the other rows (docs/performance.json)
 """
 from __future__ import annotations
 
@@ -26,18 +28,30 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024),
-         "medium": dict(hidden=768, layers=12, heads=12, intermediate=3072)}
+VOCAB = 8192
+SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024, vocab=VOCAB),
+         "medium": dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab=VOCAB),
+         # SmolLM2-135M-Instruct (fxdepass.load("smollm2")): 9 query heads share 3 key/value heads
+         "real": dict(hidden=576, layers=30, heads=9, intermediate=1536, vocab=49152, kv_heads=3)}
 LENGTHS = (16, 32, 64, 128, 256)
 #: N·d from which the batched forward is timed on N/SCALE copies and scaled (medium N ≥ 128)
 LARGE = 128 * 768
 SCALE = 16
-VOCAB = 8192
 #: the memory target: peak ≤ BUDGET · U + weights, U = (M+1)·N·d·4 bytes
 BUDGET = 2.5
 
 
+#: what the attribution reads at the last position (or every position): keyword arguments of attribute()
+READS = {"target": {}, "vocab": {"targets": "all"}, "full": {"targets": "all", "positions": "all"}}
+
+
 def build(family: str, size: str) -> torch.nn.Module:
+    if family == "smollm2":
+        import fxdepass
+
+        model = fxdepass.load("smollm2")[0].eval()
+        assert next(model.parameters()).dtype == torch.float32
+        return model
     s = SIZES[size]
     common = dict(vocab_size=VOCAB, num_hidden_layers=s["layers"], num_attention_heads=s["heads"], max_position_embeddings=1024)
     if family == "llama":
@@ -55,15 +69,17 @@ def build(family: str, size: str) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def flop_floor(family: str, size: str, n: int) -> float:
+def flop_floor(family: str, size: str, n: int, read: str = "target") -> float:
     """Multiply-adds of the decomposed pass over those of the batched forward, counting only matmuls:
     per component the value, output, gate and down projections (queries, keys and the up projection
-    are frozen), causal zeros halving it, and the head at the read-out position only."""
+    are frozen), causal zeros halving it, and the head at the read-out positions and rows only."""
     s = SIZES[size]
-    d, i, layers = s["hidden"], s["intermediate"], s["layers"]
-    gated = family in ("llama", "mixtral")
-    forward = layers * (4 * d * d + (3 if gated else 2) * d * i) * n * n + VOCAB * d * n * n
-    decomposed = layers * (2 * d * d + 2 * d * i) * (n + 1) * (n + 1) / 2 + VOCAB * d * (n + 1)
+    d, i, layers, vocab = s["hidden"], s["intermediate"], s["layers"], s["vocab"]
+    kv = d * s.get("kv_heads", s["heads"]) // s["heads"]  # width of the key and value projections
+    gated = family in ("llama", "mixtral", "smollm2")
+    forward = layers * (2 * d * d + 2 * d * kv + (3 if gated else 2) * d * i) * n * n + vocab * d * n * n
+    rows = {"target": 1, "vocab": vocab, "full": vocab * n}[read]
+    decomposed = layers * (d * kv + d * d + 2 * d * i) * (n + 1) * (n + 1) / 2 + rows * d * (n + 1)
     return decomposed / forward
 
 
@@ -125,12 +141,12 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
+def run_one(family: str, size: str, n: int, kind: str, repeats: int, read: str = "target") -> dict:
     import fxdepass
 
     torch.set_num_threads(2)
     model = build(family, size)
-    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+    ids = torch.randint(0, SIZES[size]["vocab"], (1, n), generator=torch.Generator().manual_seed(n))
     start = time.perf_counter()
     decomposed = fxdepass.compile(model)
     compile_time = time.perf_counter() - start
@@ -138,13 +154,14 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     target = None
     with torch.no_grad():
         target = int(model(ids).logits[0, -1].argmax())
+    options = READS[read] or {"targets": [target]}
     # warm-up on a short prompt: the module is built once for every length (dynamic sequence length)
-    decomposed.attribute(ids[:, :min(n, 16)], seed=seed, targets=[target])
+    decomposed.attribute(ids[:, :min(n, 16)], seed=seed, **options)
     times = []
     with RssSampler() as memory:
         for _ in range(repeats):
             start = time.perf_counter()
-            attribution = decomposed.attribute(ids, seed=seed, targets=[target])
+            attribution = decomposed.attribute(ids, seed=seed, **options)
             times.append(time.perf_counter() - start)
     components = attribution.components.shape[0]
     # The forward's cost is linear in the batch: the largest are timed on a sixteenth of the copies (to
@@ -164,18 +181,18 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int) -> dict:
     # sum in time order, maximised, is the peak of tensor memory the attribution held, as
     # torch.cuda.max_memory_allocated on a GPU: not the interpreter's own objects nor what glibc keeps
     # for reuse, which the RSS column counts.  Last, as profiling slows what runs after it.
-    allocated = allocator_peak(lambda: decomposed.attribute(ids, seed=seed, targets=[target]))
-    with torch.no_grad():
-        alone = allocator_peak(lambda: model(ids, logits_to_keep=1))  # the attribution's read-out: last position
+    allocated = allocator_peak(lambda: decomposed.attribute(ids, seed=seed, **options))
+    with torch.no_grad():  # the positions the attribution reads: the last, or every one
+        alone = allocator_peak(lambda: model(ids, logits_to_keep=0 if read == "full" else 1))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "family": family, "size": size, "n": n, "seed": kind, "components": components,
+        "family": family, "size": size, "n": n, "seed": kind, "read": read, "components": components,
         "compile_s": compile_time, "attribute_s": statistics.median(times), "forward_s": forward,
-        "ratio": statistics.median(times) / forward, "floor": flop_floor(family, size, n) if kind == "tokens" else None,
+        "ratio": statistics.median(times) / forward, "floor": flop_floor(family, size, n, read) if kind == "tokens" else None,
         "peak_rss": memory.peak - memory.base + weights, "allocated": allocated + weights, "forward_alone": alone + weights,
         "estimate": attribution.memory_estimate + weights,
         "process_rss": memory.peak, "weights": weights,
-        "budget": BUDGET * unit(components, n, size) + weights,
+        "budget": BUDGET * unit(components, n, size) + alone + weights + result_bytes(components, n, size, read),
         "error": attribution.reconstruction_error(), "forward_scaled": copies != n,
     }
 
@@ -208,17 +225,24 @@ def run_variants(n: int = 64) -> list[dict]:
     return rows
 
 
-def configurations() -> list[tuple[str, str, int, str, int]]:
+def configurations() -> list[tuple[str, str, int, str, int, str]]:
+    """(family, size, N, seed, repeats, read) of every row of the report."""
     configs = []
     for family in ("llama", "gpt2", "mixtral"):
         for n in LENGTHS:
-            configs.append((family, "small", n, "tokens", 3))
+            configs.append((family, "small", n, "tokens", 3, "target"))
     for family in ("llama", "gpt2"):
         for n in LENGTHS:
-            configs.append((family, "medium", n, "tokens", 3))
+            configs.append((family, "medium", n, "tokens", 3, "target"))
     for kind in ("heads", "neurons", "subspace"):
         for n in (32, 128):
-            configs.append(("llama", "small", n, kind, 3))
+            configs.append(("llama", "small", n, kind, 3, "target"))
+    # the real model: the default read-out, the whole vocabulary at the last position, and every
+    # logit at every position (small N only: (M+1)·N·49152 floats)
+    configs += [("smollm2", "real", n, "tokens", 3, "target") for n in (16, 64, 128, 256)]
+    configs += [("smollm2", "real", n, "tokens", 3, "vocab") for n in (64, 128)]
+    configs += [("smollm2", "real", n, "tokens", 3, "full") for n in (16, 32)]
+    configs += [("smollm2", "real", 64, kind, 3, "target") for kind in ("heads", "neurons")]
     return configs
 
 
@@ -236,6 +260,13 @@ def unit(components: int, n: int, size: str) -> int:
     return components * n * SIZES[size]["hidden"] * 4
 
 
+def result_bytes(components: int, n: int, size: str, read: str) -> int:
+    """What the attribution returns, in float32: (M+1) × the rows it reads (one target, the vocabulary, or
+    the vocabulary at every position)."""
+    vocab = SIZES[size]["vocab"]
+    return components * {"target": 1, "vocab": vocab, "full": vocab * n}[read] * 4
+
+
 def over_budget(rows: list[dict]) -> str:
     """The rows whose allocator peak is above the budget, the peak and the plain forward's in units of
     U = (M+1)·N·d·4 bytes above the weights (the budget allows 2.5 U)."""
@@ -246,25 +277,22 @@ def over_budget(rows: list[dict]) -> str:
     def units(r: dict, key: str) -> float:
         return (r[key] - r["weights"]) / unit(r["components"], r["n"], r["size"])
 
-    listed = [f"{r['family']} {r['size']} {r['seed']} N={r['n']} ({r['allocated'] / r['budget']:.2f}×: "
+    listed = [f"{r['family']} {r['size']} {r['seed']} {r.get('read', 'target')} N={r['n']} ({r['allocated'] / r['budget']:.2f}×: "
               f"{units(r, 'allocated'):.2f} U, the plain forward alone {units(r, 'forward_alone'):.2f} U)" for r in over]
-    text = (f"Allocator peak above the budget, in U = (M+1)·N·d·4 bytes above the weights (the budget is {BUDGET} U): "
-            + "; ".join(listed) + ".")
-    if all(r["forward_alone"] > r["budget"] for r in over):
-        text += (" In each of these the plain model's own forward of the prompt, reading only the last position's "
-                 "logits, needs more than the budget too: with few components the budget is smaller than the real "
-                 "forward's own values (the MLP's hidden layer is 4·d wide).")
-    return text
+    return (f"Allocator peak above the budget, in U = (M+1)·N·d·4 bytes above the weights (the budget is {BUDGET} U "
+            "+ the plain forward's own peak + the result): " + "; ".join(listed) + ".")
 
 
-def report(rows: list[dict], failures: list[str], wall: float, variants: list[dict]) -> str:
+def report(rows: list[dict], failures: list[str], wall: float, variants: list[dict], only: str | None = None) -> str:
     mb = 1 / 2**20
     lines = [
         "# Performance",
         "",
         "Generated by `make bench` (`python tools/bench.py`); do not edit by hand. "
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, float32, `OMP_WAIT_POLICY=PASSIVE`, "
-        f"{torch.get_num_threads()} threads. Whole run: {wall / 60:.1f} min.",
+        f"{torch.get_num_threads()} threads. "
+        + (f"Rows of {only} rerun with `python tools/bench.py --only {only}` ({wall / 60:.1f} min); the others are kept "
+           "from the last whole run (docs/performance.json)." if only else f"Whole run: {wall / 60:.1f} min."),
         "",
         "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
         "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
@@ -276,17 +304,19 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         "`torch.cuda.max_memory_allocated` reports on a GPU; *forward(1) MB* the same for the plain model's forward "
         "of the prompt alone (batch 1), reading the last position's logits as the attribution does; *estimate MB* the "
         "memory guard's estimate of the attribution's peak, made before the pass (`Attribution.memory_estimate`), plus "
-        f"the weights; *budget* = {BUDGET}·(M+1)·N·d·4 bytes + "
-        f"weights, M+1 the attribution's components. † the batched forward timed on M/{SCALE} copies and scaled by {SCALE} (its "
+        f"the weights; *budget* = {BUDGET}·(M+1)·N·d·4 bytes + the plain forward's own peak (forward(1)) + the "
+        "result itself ((M+1) × the rows read, float32), M+1 the attribution's components. *read*: `target` the "
+        "default (the predicted token's logit at the last position), `vocab` every logit at the last position "
+        "(`targets=\"all\"`), `full` every logit at every position (`targets=\"all\", positions=\"all\"`). † the batched forward timed on M/{SCALE} copies and scaled by {SCALE} (its "
         "cost is linear in the batch), to keep the run within 15 minutes.",
         "",
-        "| model | size | seed | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | estimate MB | budget MB | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | seed | read | N | compile s | attribute s | forward(M) s | ratio | floor | RSS MB | allocator MB | forward(1) MB | estimate MB | budget MB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else "—"
         lines.append(
-            f"| {r['family']} | {r['size']} | {r['seed']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
+            f"| {r['family']} | {r['size']} | {r['seed']} | {r['read']} | {r['n']} | {r['compile_s']:.1f} | {r['attribute_s']:.2f} | "
             f"{r['forward_s']:.2f}{'†' if r.get('forward_scaled') else ''} | {r['ratio']:.2f} | {floor} | {r['peak_rss'] * mb:.0f} | "
             f"{r['allocated'] * mb:.1f} | {r['forward_alone'] * mb:.1f} | {r['estimate'] * mb:.1f} | {r['budget'] * mb:.1f} | "
             f"{r['error']:.1e} |"
@@ -295,11 +325,11 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
     lines += ["", "Growth of attribution time with N (least-squares slope of log time on log N):", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["family"], r["size"], r["seed"]), []).append(r)
-    for (family, size, seed), group in groups.items():
+        groups.setdefault((r["family"], r["size"], r["seed"], r["read"]), []).append(r)
+    for (family, size, seed, read), group in groups.items():
         slope = growth(group)
         if slope is not None:
-            lines.append(f"- {family} {size} {seed}: N^{slope:.2f}")
+            lines.append(f"- {family} {size} {seed} {read}: N^{slope:.2f}")
     if variants:
         lines += ["", "Variants on the small Llama, N = 64 (token seed, last position, target row): score error = max "
                   "|scores − float64 scores| / max |float64 scores|; *first call* includes compile (and torch.compile's "
@@ -313,38 +343,53 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", nargs=4, metavar=("FAMILY", "SIZE", "N", "SEED"))
+    parser.add_argument("--read", choices=sorted(READS), default="target", help="with --one: what is read out")
+    parser.add_argument("--only", metavar="FAMILY", help="rerun only this family's rows (e.g. smollm2) and keep the "
+                        "others' from the last run's docs/performance.json")
     parser.add_argument("--variants", action="store_true", help="only the precision / torch.compile variants")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     args = parser.parse_args()
     if args.one:
         family, size, n, kind = args.one
-        print(json.dumps(run_one(family, size, int(n), kind, args.repeats)))
+        print(json.dumps(run_one(family, size, int(n), kind, args.repeats, args.read)))
         return 0
     if args.variants:
         print(json.dumps(run_variants()))
         return 0
-    rows, failures = [], []
+    # the measured rows, beside the report, so that `--only` can rerun one family and keep the others
+    raw = Path(args.out).with_suffix(".json")
+    kept = json.loads(raw.read_text()) if args.only and raw.exists() else {"rows": [], "failures": [], "variants": []}
+    rows = [r for r in kept["rows"] if r["family"] != args.only]
+    failures = [f for f in kept["failures"] if not f.startswith(f"{args.only} ")]
     began = time.perf_counter()
-    for family, size, n, kind, repeats in configurations():
-        command = [sys.executable, __file__, "--one", family, size, str(n), kind, "--repeats", str(repeats)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    for family, size, n, kind, repeats, read in configurations():
+        if args.only and family != args.only:
+            continue
+        command = [sys.executable, __file__, "--one", family, size, str(n), kind, "--repeats", str(repeats), "--read", read]
+        name = f"{family} {size} {kind} {read} N={n}"
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
         if done.returncode == 0:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{family} {size} {kind} N={n}: ratio {r['ratio']:.2f} ({r['attribute_s']:.2f}s / {r['forward_s']:.2f}s)",
-                  flush=True)
+            print(f"{name}: ratio {r['ratio']:.2f} ({r['attribute_s']:.2f}s / {r['forward_s']:.2f}s)", flush=True)
         else:
             reason = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
-            failures.append(f"{family} {size} {kind} N={n}: {reason}")
+            failures.append(f"{name}: {reason}")
             print("FAILED", failures[-1], flush=True)
-    done = subprocess.run([sys.executable, __file__, "--variants"], capture_output=True, text=True, timeout=900)
-    variants = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
-    if done.returncode != 0:
-        failures.append("variants: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+    variants = kept["variants"]
+    if not args.only:
+        done = subprocess.run([sys.executable, __file__, "--variants"], capture_output=True, text=True, timeout=900)
+        variants = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+        if done.returncode != 0:
+            failures.append("variants: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+    order = {config[:4] + config[5:]: i for i, config in enumerate(configurations())}
+    rows.sort(key=lambda r: order.get((r["family"], r["size"], r["n"], r["seed"], r["read"]), len(order)))
+    wall = time.perf_counter() - began
     Path(args.out).parent.mkdir(exist_ok=True)
-    Path(args.out).write_text(report(rows, failures, time.perf_counter() - began, variants))
-    print(f"wrote {args.out}")
+    raw.write_text(json.dumps({"rows": rows, "failures": failures, "variants": variants}, indent=1) + "\n")
+    Path(args.out).write_text(report(rows, failures, wall, variants, only=args.only))
+    print(f"wrote {args.out} and {raw}")
     return 0
 
 
