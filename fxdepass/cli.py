@@ -240,7 +240,8 @@ def _print_table(graph: Any, top: int, partition: bool) -> None:
 
 
 def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress) -> None:
-    """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``)."""
+    """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``, and
+    ``stem.svg`` when Graphviz is installed)."""
     from .export import write_circuit_json, write_dot, write_graphml
     from .report import write_report
 
@@ -250,7 +251,7 @@ def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress:
         path = directory / f"{stem}.{fmt}"
         if fmt == "html":
             written.append(write_report(graph, path))
-            written.append(path.with_suffix(".dot"))
+            written += [p for p in (path.with_suffix(".dot"), path.with_suffix(".svg")) if p.exists()]
         elif fmt == "dot":
             written.append(write_dot(graph, path))
         elif fmt == "graphml":
@@ -272,7 +273,7 @@ def _header(graph: Any) -> None:
 
 
 def _attribute(args: argparse.Namespace, progress: Progress) -> int:
-    from .graph import seed_graph
+    from .graph import layer_scores, seed_activations, seed_graph
     from .seeds import Tokens
 
     if args.prompts_file is not None:
@@ -289,8 +290,10 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
+    heatmap = layer_scores(decomposed, ids, target, results["layers"].components) if isinstance(seed, Tokens) else None
     graph = seed_graph(attribution, seed, target, layers=decomposed.model.config.num_hidden_layers, tokenizer=tokenizer,
-                       model_name=type(decomposed.model).__name__, layer_attribution=results.get("layers"))
+                       model_name=type(decomposed.model).__name__, activations=seed_activations(decomposed, ids, seed),
+                       heatmap=heatmap)
     _header(graph)
     print(f"contributions of {args.seed} (rest {graph.graph['rest']:+.4f}):")
     _print_table(graph, args.top, partition=True)

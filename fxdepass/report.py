@@ -120,9 +120,10 @@ def _heatmap(graph: nx.DiGraph) -> str:
 
 
 def _heatmap_meaning(graph: nx.DiGraph) -> str:
-    if graph.graph.get("readout") == "logits":
-        return ("at the target position, projected on the unit vector of the target's unembedding row (no final norm: "
-                "a logit lens that keeps layers comparable)")
+    if graph.graph.get("layer_meaning") == "lens":
+        return ("read as the last layer's output is read: through the final norm with its real (frozen) scale and the "
+                "target's unembedding row (fxdepass.layer_lens). Every row is in logit units, and the last row is "
+                "exactly the tokens' contributions above")
     return "averaged over positions and projected on the direction of the target embedding"
 
 
@@ -132,17 +133,35 @@ def _node_table(graph: nx.DiGraph, count: int = 15) -> str:
     rows = "".join(
         f'<tr><td class="l">{_e(d["label"])}</td><td class="l">{_e(d["kind"])}</td><td>{d["contribution"]:+.5g}</td>'
         f'<td>{d["activation"]:.4g}</td></tr>' for d in nodes[:count])
+    value = graph.graph["value"]
+    if "rest" in graph.graph:                 # one pass: its components and rest add up to the target
+        others = sum(d["contribution"] for d in nodes[count:])
+        if len(nodes) > count:
+            rows += f'<tr><td class="l">{len(nodes) - count} more</td><td></td><td>{others:+.5g}</td><td></td></tr>'
+        rows += (f'<tr><td class="l">rest</td><td class="l">biases, …</td><td>{graph.graph["rest"]:+.5g}</td><td></td></tr>'
+                 f'<tr><th class="l">sum</th><th></th><th>{value:+.6g}</th><th></th></tr>')
+        note = (f"The {len(nodes)} components plus rest add up to the target's value, {value:+.6g}. ")
+    else:
+        note = ("Nodes of different stages are not meant to be added: each stage's nodes plus its rest add up to the target "
+                "(the table below). ")
+    note += ("Contribution: the node's exact DePass share of the target. Activation: the norm of the node's output at "
+             "its position (a token's: its embedding).")
     return ('<table><tr><th class="l">node</th><th class="l">kind</th><th>contribution</th><th>activation</th></tr>'
-            f"{rows}</table>")
+            f'{rows}</table><p class="note">{_e(note)}</p>')
 
 
 def _stage_table(graph: nx.DiGraph) -> str:
+    stages = graph.graph["stages"]
     rows = "".join(
         f'<tr><td class="l">{_e(s["stage"])}</td><td>{s["kept"]:+.5g}</td><td>{s["pruned"]:+.5g}</td><td>{s["rest"]:+.5g}</td>'
-        f'<td>{s["kept"] + s["pruned"] + s["rest"]:+.6g}</td></tr>' for s in graph.graph["stages"])
-    return ('<table><tr><th class="l">stage</th><th>kept nodes</th><th>pruned nodes</th><th>rest</th><th>sum</th></tr>'
-            f'{rows}</table><p class="note">Every stage splits the same target value: its kept nodes\' edges into the '
-            "target, what pruning removed, and rest (biases, and for a layer the residual stream entering it).</p>")
+        f'<td>{s["kept"] + s["pruned"] + s["rest"]:+.6g}</td></tr>' for s in stages)
+    largest = max(stages, key=lambda s: abs(s["pruned"]))
+    summary = (f"{len(stages)} stages, each adding up to {graph.graph['value']:+.6g}; the most pruned: "
+               f"{largest['stage']} ({largest['pruned']:+.4g})")
+    return (f'<details{" open" if len(stages) <= 8 else ""}><summary>{_e(summary)}</summary>'
+            '<table><tr><th class="l">stage</th><th>kept nodes</th><th>pruned nodes</th><th>rest</th><th>sum</th></tr>'
+            f'{rows}</table></details><p class="note">Every stage splits the same target value: its kept nodes\' edges into '
+            "the target, what pruning removed, and rest (biases, and for a layer the residual stream entering it).</p>")
 
 
 def render_svg(graph: nx.DiGraph, *, max_edges: int = 400, timeout: float = 60.0) -> tuple[str | None, str]:
@@ -175,16 +194,29 @@ def _graph_section(graph: nx.DiGraph, exports: list[str]) -> str:
     return graph_figure(graph) + where
 
 
+#: one line per metric of the summary, shown under it
+_METRICS = {
+    "explained fraction": "on average over the stages, the share of the target that the kept graph accounts for "
+                          "(1 − pruned / target per stage; above 1 when pruned nodes pull against the target)",
+    "influence kept": "the kept heads' and MLP blocks' share of Σ|contribution| over all of them",
+    "p": "the target token's softmax probability at the last position",
+}
+
+
 def _summary(graph: nx.DiGraph) -> str:
     info = graph.graph
     parts = [f"model {_e(info.get('model', ''))}", f"target {_e(info['target'])} = {info['value']:+.6g}"]
+    shown = []
     if info.get("readout") == "logits":
         parts.append(f"p = {info.get('probability', 0.0):.3f}")
+        shown.append("p")
     if "stages" in info:
         parts.append(f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges after pruning "
                      f"(node threshold {info['node_threshold']}, edge threshold {info['edge_threshold']})")
         parts.append(f"explained fraction {info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
-    return " · ".join(parts)
+        shown += ["explained fraction", "influence kept"]
+    lines = "".join(f"<li><b>{_e(name)}</b>: {_e(_METRICS[name])}</li>" for name in shown)
+    return f'<p class="meta">{" · ".join(parts)}</p>' + (f'<ul class="note">{lines}</ul>' if lines else "")
 
 
 def report_html(graph: nx.DiGraph, *, exports: list[str] | None = None, title: str = "fxdepass attribution") -> str:
@@ -194,7 +226,7 @@ def report_html(graph: nx.DiGraph, *, exports: list[str] | None = None, title: s
 
     >>> page = report_html(graph, exports=["report.dot"])                               # doctest: +SKIP
     """
-    sections = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{_summary(graph)}</p>',
+    sections = [f"<h1>{_e(title)}</h1>", _summary(graph),
                 f"<p class=\"meta\">prompt: <code>{_e(graph.graph.get('prompt', ''))}</code></p>",
                 f"<h2>Tokens, coloured by contribution to {_e(graph.graph['target'])}</h2>", _token_strip(graph)]
     if graph.graph.get("layer_scores"):

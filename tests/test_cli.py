@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,8 @@ def test_attribute_writes_each_format(model, fmt: str, tmp_path: Path, capsys) -
     name, prompt = model
     code, out, err = run(capsys, "attribute", name, "--prompt", prompt, "--out", str(tmp_path), "--format", fmt, "--quiet")
     assert code == 0 and err == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"html": ["attribution.html", "attribution.dot"]}.get(
-        fmt, [f"attribution.{fmt}"]))
+    report = ["attribution.html", "attribution.dot"] + (["attribution.svg"] if shutil.which("dot") else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"html": report}.get(fmt, [f"attribution.{fmt}"]))
     _check_file(tmp_path / f"attribution.{fmt}", fmt, prompt.split())
     assert "rank  component" in out
     summed, real = map(float, re.search(r"components \+ rest (\S+)\s+real value (\S+)", out).groups())

@@ -13,7 +13,7 @@ import pytest
 import fxdepass
 import tiny
 from fxdepass.export import CIRCUIT_SCHEMA, to_circuit_json, write_circuit_json, write_dot, write_graphml
-from fxdepass.graph import build_graph, resolve_target, seed_graph
+from fxdepass.graph import build_graph, resolve_target, seed_activations, seed_graph
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def neuron_graph() -> nx.DiGraph:
     seed = fxdepass.neurons(0, group_size=8)
     attribution = decomposed.attribute(tiny.IDS, positions="all", targets="all", seed=seed)
     target = resolve_target(decomposed, attribution.total[0], None)
-    return seed_graph(attribution, seed, target, layers=2, tokenizer=decomposed.tokenizer)
+    return seed_graph(attribution, seed, target, layers=2, tokenizer=decomposed.tokenizer,
+                      activations=seed_activations(decomposed, tiny.IDS, seed))
 
 
 _TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int, "boolean": bool}

@@ -178,3 +178,58 @@ def test_attribution_html_for_jupyter() -> None:
         assert f'title="{html.escape(f"{label}: {score:+.6g}")}"' in fragment
     layers = attribution_html(decomposed.attribute(tiny.IDS, positions="all", targets="all", seed=fxdepass.heads(0), readout="layers"))
     assert "projection on the layers value" in layers and "L0H3" in layers
+
+
+def heatmap_cells(page: str) -> list[list[float]]:
+    """The heatmap's values as the page states them in its cell tooltips, bottom row first (as the API's rows)."""
+    table = page[page.index('<table class="heat">'):page.index("</table>", page.index('<table class="heat">'))]
+    rows = [[float(v) for v in re.findall(r"title=\"[^\"]*: ([-+][^\"]+)\">", row)] for row in table.split("<tr>")[2:]]
+    return rows[::-1]
+
+
+def test_the_pages_numbers_are_the_apis(graph) -> None:
+    """Issue 19: the tokens × layers view reads each layer through the final norm's frozen scale, so its last row equals
+    the contributions; the token chips, the heatmap and the stage rows are the numbers fxdepass.attribute and
+    fxdepass.layer_lens give, to the printed digits."""
+    _, decomposed = tiny.compiled()
+    attribution = decomposed.attribute(tiny.IDS)
+    scores = attribution.scores()[:-1].tolist()
+    lens = fxdepass.layer_lens(decomposed, tiny.IDS)
+    assert graph.graph["layer_scores"][-1] == pytest.approx(scores, rel=1e-9, abs=1e-12)
+    assert [graph.nodes[f"tok{p}"]["contribution"] for p in range(len(scores))] == pytest.approx(scores, rel=1e-9, abs=1e-12)
+    page = report_html(graph)
+    assert heatmap_cells(page) == [[float(f"{v:+.6g}") for v in row] for row in lens.table()[:, :-1].tolist()]
+    chips = [float(v) for v in re.findall(r"contributes ([-+][\d.e+-]+)", page)]
+    assert chips == [float(f"{v:+.6g}") for v in scores]
+    assert "last row is exactly the tokens&#x27; contributions" in page
+
+
+def test_every_metric_is_explained_and_long_stage_tables_fold(graph) -> None:
+    page = report_html(graph)
+    for metric in ("explained fraction", "influence kept", "p"):
+        assert f"<li><b>{metric}</b>: " in page
+    assert "<details open><summary>5 stages, each adding up to" in page           # tokens + 2 × 2 layer stages
+    long = graph.copy()
+    long.graph["stages"] = graph.graph["stages"] * 13
+    assert "<details><summary>65 stages" in report_html(long)
+
+
+def test_a_seed_report_lists_rest_and_the_sum_and_true_activations(tmp_path: Path) -> None:
+    """The heads report shows rest and that the heads plus rest add up to the target; a token's activation is its
+    embedding's norm (docs/graph-format.md), not the norm of its whole logits component."""
+    from fxdepass.graph import resolve_target, seed_activations, seed_graph
+
+    model, decomposed = tiny.compiled()
+    seed = fxdepass.heads(1)
+    attribution = decomposed.attribute(tiny.IDS, seed=seed, positions="all", targets="all")
+    target = resolve_target(decomposed, attribution.total[0], None)
+    graph = seed_graph(attribution, seed, target, layers=2, activations=seed_activations(decomposed, tiny.IDS, seed))
+    page = report_html(graph)
+    scores = decomposed.attribute(tiny.IDS, seed=seed).scores()
+    assert f'<td class="l">rest</td><td class="l">biases, …</td><td>{float(scores[-1]):+.5g}</td>' in page
+    assert f"<th>{float(scores.sum()):+.6g}</th>" in page and f"{float(scores.sum()):+.6g}" == f"{graph.graph['value']:+.6g}"
+    assert "components plus rest add up to the target" in page
+
+    embeddings = model.get_input_embeddings()(tiny.IDS)[0].norm(dim=-1)
+    tokens = seed_activations(decomposed, tiny.IDS, fxdepass.tokens())
+    assert tokens.tolist() == pytest.approx(embeddings.tolist(), rel=1e-12)
