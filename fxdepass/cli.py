@@ -94,6 +94,8 @@ def _parser() -> _Parser:
         sub.add_argument("--out", metavar="DIR", help="write the results here (default ./fxdepass-out when --format is given)")
         sub.add_argument("--format", help=f"comma-separated output formats among {','.join(FORMATS)} (default: all, with --out)")
         sub.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
+        sub.add_argument("--slug", help="the json format's name: DIR/SLUG.json, listed in DIR/graph-metadata.json for "
+                         "circuit-tracer's viewer (default: from the prompt and target, so runs do not overwrite each other)")
 
     attribute = commands.add_parser("attribute", help="one decomposed pass: each component's share of the target")
     common(attribute, prompts_file=True)
@@ -239,9 +241,9 @@ def _print_table(graph: Any, top: int, partition: bool) -> None:
         print(f"  {'…':>4}  {f'{len(nodes) - top} more':<28} {folded}".rstrip())
 
 
-def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress) -> None:
+def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress, slug: str | None) -> None:
     """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``, and
-    ``stem.svg`` when Graphviz is installed)."""
+    ``stem.svg`` when Graphviz is installed); json as ``directory/<slug>.json`` listed in ``graph-metadata.json``."""
     from .export import write_circuit_json, write_dot, write_graphml
     from .report import write_report
 
@@ -257,7 +259,8 @@ def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress:
         elif fmt == "graphml":
             written.append(write_graphml(graph, path))
         else:
-            written.append(write_circuit_json(graph, path))
+            written.append(write_circuit_json(graph, directory, slug=slug))
+            written.append(directory / "graph-metadata.json")
     for path in dict.fromkeys(written):
         progress.step(f"wrote {path}")
 
@@ -301,7 +304,7 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     print(f"components + rest {graph.graph['value']:+.6f}   real value {real:+.6f}   "
           f"reconstruction error {attribution.reconstruction_error():.1e}")
     if directory is not None:
-        _write(graph, directory, formats, "attribution", progress)
+        _write(graph, directory, formats, "attribution", progress, args.slug)
     return 0
 
 
@@ -354,7 +357,7 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     print("nodes by contribution (each stage on its own adds up to the target):")
     _print_table(graph, args.top, partition=False)
     if directory is not None:
-        _write(graph, directory, formats, "graph", progress)
+        _write(graph, directory, formats, "graph", progress, args.slug)
     return 0
 
 

@@ -472,7 +472,7 @@ def _assemble(decomposed: DecomposedModel, ids: torch.Tensor, heads: int, stages
         prompt=_prompt(ids, decomposed.tokenizer, texts), prompt_tokens=texts, input_ids=ids[0].tolist(),
         model=type(decomposed.model).__name__, readout=target.readout, target=target.label, target_token=target.token,
         probability=target.probability, value=value, node_threshold=node_threshold, edge_threshold=edge_threshold,
-        stages=stage_rows,
+        heads=heads, stages=stage_rows,
         explained_fraction=1.0 - pruned / (len(stage_rows) * value) if value else 0.0,
         influence_fraction=float(influence[internal & kept].sum()) / all_influence if all_influence else 0.0,
         **layer_scores(decomposed, ids, target, passes.layer_parts),
