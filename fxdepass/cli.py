@@ -344,12 +344,15 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     ids = _encode(tokenizer, args.prompt)
     real = decomposed.attribute(ids, positions="all", targets="all", readout=decomposed.default_readout).total[0]
     target = _target(decomposed, tokenizer, args, real)
+    started = time.perf_counter()
     graph = build_graph(decomposed, ids, target, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
                         progress=progress.bar)
+    built = time.perf_counter() - started
     _header(graph)
     info = graph.graph
     print(f"graph    {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges; explained fraction "
-          f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
+          f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}; built in {built:.1f} s "
+          f"({len(info['stages'])} decomposed passes)")
     print("stages   (kept edges into the target + pruned + rest = target value)")
     for stage in info["stages"]:
         print(f"  {stage['stage']:<20} kept {stage['kept']:>+10.4f}   pruned {stage['pruned']:>+10.4f}   "
