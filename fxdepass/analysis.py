@@ -95,7 +95,7 @@ def _is_tensor_valued(node: torch.fx.Node) -> bool:
     return isinstance(value, torch.Tensor) or node.target is operator.getitem
 
 
-def _classify(node: torch.fx.Node, info: dict[torch.fx.Node, NodeInfo]) -> NodeInfo | None:
+def _classify(node: torch.fx.Node, info: dict[torch.fx.Node, NodeInfo], variant: str | None = None) -> NodeInfo | None:
     positions = leaves_by_position(node)
     participating = {i: [a for a in leaves if a in info and info[a].decomposable] for i, leaves in positions.items()}
     participating = {i: v for i, v in participating.items() if v}
@@ -104,15 +104,14 @@ def _classify(node: torch.fx.Node, info: dict[torch.fx.Node, NodeInfo]) -> NodeI
         return None
     if not participating or not _is_tensor_valued(node):
         return NodeInfo(FROZEN)
-    rule = lookup(node.target)
+    rule = lookup(node.target, variant)
     if rule is None:
         return NodeInfo(UNSUPPORTED, root=node)
     if rule.kind is Kind.FROZEN:
         return NodeInfo(FROZEN, rule=rule)
     if rule.kind is Kind.CUSTOM:
-        (position,) = rule.linear_args
-        live = [a for a in participating.get(position, []) if info[a].flavour != GATE]
-        return NodeInfo(LINEAR, node, (position,), rule) if live else NodeInfo(FROZEN, rule=rule)
+        live = tuple(i for i in rule.linear_args if any(info[a].flavour != GATE for a in participating.get(i, [])))
+        return NodeInfo(LINEAR, node, live, rule) if live else NodeInfo(FROZEN, rule=rule)
     nonlinear = set(rule.nonlinear_args) if rule.kind is not Kind.ACTIVATION else set(participating)
     linear_in = {i: v for i, v in participating.items() if i in rule.linear_args}
     nonlinear_in = {i: v for i, v in participating.items() if i in nonlinear and i not in rule.linear_args}
@@ -161,11 +160,13 @@ def _same_root(
     return NodeInfo(LINEAR, root, tuple(sorted(linear_in)), rule)
 
 
-def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Iterable[torch.fx.Node]) -> Analysis:
+def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Iterable[torch.fx.Node],
+            variant: str | None = None) -> Analysis:
     """Classify every node downstream of the ``seeds`` and find those whose components reach ``readouts``.
 
     A seed downstream of another seed starts afresh (``modules(layer)`` seeds the attention output and
     the MLP output).  Readouts the seeds cannot reach are left out of ``needed``: all of their value is rest.
+    ``variant`` picks rule variants (registry Note [Rule variants]), e.g. ``"routed"`` attention.
     """
     seeds = set(seeds)
     info: dict[torch.fx.Node, NodeInfo] = {}
@@ -173,7 +174,7 @@ def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Ite
         if node in seeds:
             info[node] = NodeInfo(SEED, root=node)
         elif info and node.op == "call_function":
-            classified = _classify(node, info)
+            classified = _classify(node, info, variant)
             if classified is not None:
                 info[node] = classified
     needed: set[torch.fx.Node] = set()

@@ -24,11 +24,12 @@ from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
 from .readouts import readout_nodes
-from .rewrite import Policy, build_module
+from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
-from .targets import Predicted, Target, Token, per_prompt
+from .targets import LogProb, Predicted, Target, Token, TokenAt, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
+from fxdepass.rules.attention import ROUTED_CHUNK, routed_attention
 
 if TYPE_CHECKING:
     import os
@@ -223,6 +224,7 @@ class DecomposedModel:
         example_inputs: Any = None,
         activation: str = "softmax",
         temperature: float = 0.1,
+        attention: str = "frozen",
         dtype: torch.dtype | None = None,
         tokenizer: Any = None,
         causal_blocks: int = 8,
@@ -230,13 +232,15 @@ class DecomposedModel:
     ):
         if activation not in ALLOCATIONS:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
+        if attention not in ATTENTIONS:
+            raise InvalidInputError(f"attention={attention!r}; choose one of {ATTENTIONS}")
         if not temperature > 0:
             raise InvalidInputError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.tokenizer = tokenizer
         self.causal_blocks = int(causal_blocks)
         self.torch_compile = bool(torch_compile)
-        self.policy = Policy(activation, float(temperature))
+        self.policy = Policy(activation, float(temperature), attention)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = parameter.device if parameter is not None else torch.device("cpu")
@@ -586,7 +590,10 @@ class DecomposedModel:
     def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool) -> None:
         """Check finiteness and the reconstruction of every result; explain a failure by its first node."""
         tolerance = TOLERANCE.get(self.dtype, 1e-2)
-        finite = all(bool(torch.isfinite(a.components).all() and torch.isfinite(a.total).all()) for a in results.values())
+        # NaN or inf in any component makes the sum over components non-finite, so the check reads the sum (one
+        # value per output entry) instead of the components, whose temporaries would cost the pass's peak.
+        finite = all(bool(torch.isfinite(a.components.sum(a.component_axis)).all() and torch.isfinite(a.total).all())
+                     for a in results.values())
         errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
         if finite and all(e <= tolerance for e in errors.values()):
             return
@@ -614,9 +621,10 @@ class DecomposedModel:
         coefficients and their copies, twice ``target_rows`` values.  tests/test_api.py holds this within
         0.8–1.5× of the allocator's peak on SmolLM2 (``test_memory_estimate_on_smollm2``).  Values run in
         neuron slices (``sliced``, Note [Neuron chunks]) or routed chunks (``routed``, Note [Routed rows])
-        do not count; after the last attention a ``last_position_only`` pass holds one position.  A
-        projection narrowed to the columns that are read counts those; values whose size depends on the
-        data (the rows routed to one expert) are left out, unknown before the run.  The bench checks the
+        do not count; ``attention="routed"`` adds its score parts for one chunk of heads, four times.  After
+        the last attention a ``last_position_only`` pass holds one position.  A projection narrowed to the
+        columns that are read counts those; values whose size depends on the data (the rows routed to one
+        expert) are left out, unknown before the run.  The bench checks the
         estimate against the allocator's peak (docs/performance.md, *estimate MB*).
 
         >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
@@ -646,7 +654,15 @@ class DecomposedModel:
         held = 1.5 if plan.last_position_only else 2.5  # measured on SmolLM2: the pass's own blocks, then assembled
         outputs = held * components * total(sizes.outputs) + total(sizes.real_outputs)
         inside = inner * (0.6 if plan.blocked else 1.0)
-        return int((inside + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
+        # routed attention's score parts for one chunk of heads, held about 4 times (the parts, their signed
+        # copy, the allocation's weights and shares), assembled in full by either runner
+        routing = 0
+        for node, per_head, heads in sizes.routing:
+            found = evaluate(per_head, node)
+            if found is not None:
+                chunk = min(heads, max(1, ROUTED_CHUNK // max(components * found, 1)))
+                routing = max(routing, 4 * components * chunk * found)
+        return int((inside + routing + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
                       limit: int | None, components: int) -> int:
@@ -737,13 +753,18 @@ class DecomposedModel:
         return attribute_dataset(self, prompts, batch_size=batch_size, targets=targets, progress=progress,
                                  **attribute_kwargs)
 
-    def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, **generate_kwargs: Any) -> "GeneratedAttribution":
+    def generate_attributed(self, input_ids: Any, max_new_tokens: int = 20, *, target: str = "logit",
+                            **generate_kwargs: Any) -> "GeneratedAttribution":
         """Generate text (greedy unless sampling kwargs say otherwise) and attribute every generated
-        token's logit to the prompt tokens and the tokens generated before it, in one decomposed pass.
+        token's logit (``target="logprob"``: its log-probability, normaliser frozen, fxdepass/targets.py)
+        to the prompt tokens and the tokens generated before it, in one decomposed pass.
 
         >>> result = decomposed.generate_attributed(ids, max_new_tokens=5)           # doctest: +SKIP
         >>> result.scores(0)     # contributions to the first generated token's logit
+        >>> decomposed.generate_attributed(ids, max_new_tokens=5, target="logprob").value(0)   # doctest: +SKIP
         """
+        if target not in ("logit", "logprob"):
+            raise InvalidInputError(f"target={target!r}; choose 'logit' or 'logprob'")
         ids = self._validate_ids(self.encode(input_ids).input_ids)
         if ids.shape[0] != 1:
             raise InvalidInputError("generate_attributed() takes one prompt at a time")
@@ -763,15 +784,17 @@ class DecomposedModel:
             self.model.train(was_training)
         sequence = sequence[:, : ids.shape[1] + max_new_tokens].to(ids.device)
         length = sequence.shape[1] - 1
+        generated = TokenAt(tuple(sequence[0, ids.shape[1]:].tolist()))
         attribution = self.attribute(sequence[:, :-1], positions=list(range(ids.shape[1] - 1, length)),
-                                     targets=sequence[:, ids.shape[1]:])
+                                     targets=[generated if target == "logit" else LogProb(generated)])
         return GeneratedAttribution(sequence, ids.shape[1], attribution)
 
 
 @dataclasses.dataclass
 class GeneratedAttribution:
     """Attribution of generated text: for generated token ``t`` (at ``sequence[0, prompt_length + t]``),
-    the contributions of every earlier token (prompt and generated) and rest to its logit."""
+    the contributions of every earlier token (prompt and generated) and rest to its logit, or to its
+    log-probability when generated with ``target="logprob"``."""
 
     sequence: torch.Tensor
     prompt_length: int
@@ -790,14 +813,15 @@ class GeneratedAttribution:
         return step % count
 
     def scores(self, step: int) -> torch.Tensor:
-        """Contributions to generated token ``step``'s logit: ``[sequence length before it + 1]`` (rest last)."""
+        """Contributions to generated token ``step``'s :meth:`value`: ``[sequence length before it + 1]`` (rest last)."""
         step = self._step(step)
         position = self.prompt_length - 1 + step
         values = self.attribution.scores(position=position)
         return torch.cat((values[: position + 1], values[-1:]))
 
-    def logit(self, step: int) -> float:
-        """The real logit of generated token ``step``."""
+    def value(self, step: int) -> float:
+        """The real value explained for generated token ``step``: its logit, or its log-probability when
+        generated with ``target="logprob"``."""
         return float(self.attribution.total[0, self._step(step), 0])
 
     def labels(self, step: int) -> list[str]:
@@ -811,6 +835,7 @@ def compile(
     example_inputs: Any = None,
     activation: str = "softmax",
     temperature: float = 0.1,
+    attention: str = "frozen",
     dtype: torch.dtype | None = None,
     tokenizer: Any = None,
     causal_blocks: int = 8,
@@ -820,6 +845,10 @@ def compile(
 
     ``activation`` picks how activations are allocated (``"softmax"``, ``"linear"``, ``"max"``), with
     ``temperature`` for softmax; ``dtype=torch.float64`` runs real and decomposed passes in float64.
+    ``attention="frozen"`` (default, the paper's rule) credits attention only through its values;
+    ``attention="routed"`` also credits components for where attention goes, by their part of the
+    scores, still summing exactly (Note [Attention routing credit] in rules/attention.py; needs
+    ``scaled_dot_product_attention``, the default ``attn_implementation="sdpa"``).
     ``causal_blocks`` splits token components of a causal model into that many blocks so that the
     zeros before each token's position are never computed (0 or 1: one dense block).
     ``torch_compile=True`` runs the dense generated module through ``torch.compile`` (measured in
@@ -830,7 +859,7 @@ def compile(
     >>> decomposed.attribute(input_ids).scores()                               # doctest: +SKIP
     """
     decomposed = DecomposedModel(
-        model, example_inputs=example_inputs, activation=activation, temperature=temperature, dtype=dtype,
+        model, example_inputs=example_inputs, activation=activation, temperature=temperature, attention=attention, dtype=dtype,
         tokenizer=tokenizer, causal_blocks=causal_blocks, torch_compile=torch_compile,
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
@@ -860,6 +889,8 @@ class _ValueSizes:
     real: list[tuple[torch.fx.Node, sympy.Expr]]
     outputs: list[tuple[torch.fx.Node, sympy.Expr]]
     real_outputs: list[tuple[torch.fx.Node, sympy.Expr]]
+    #: per routed attention (Note [Attention routing credit]): batch × queries × keys, and the heads
+    routing: list[tuple[torch.fx.Node, sympy.Expr, int]]
 
 
 def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _ValueSizes:
@@ -870,8 +901,11 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
         if routed:
             chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
         returned = set(module.graph.output_node().all_input_nodes)
-        components, real, outputs, real_outputs = {}, {}, [], []
+        components, real, outputs, real_outputs, routing = {}, {}, [], [], []
         for node in module.graph.nodes:
+            if node.target is routed_attention:
+                queries, keys = shape_of(node.args[0]), shape_of(node.args[1])
+                routing.append((node, _numel(queries[:-3]) * queries[-2] * keys[-2], int(queries[-3])))
             value = node.meta.get("fxdepass_real")
             if value is None and node in returned:
                 real_outputs.append((node, _numel(shape_of(node))))
@@ -884,7 +918,7 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
                 share = sympy.Rational(columns, last_axis(value)) if columns is not None else 1
                 components.setdefault(_numel(shape_of(value)) * share, node)
         module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
-                                       real_outputs)
+                                       real_outputs, routing)
     return module.meta[key]
 
 

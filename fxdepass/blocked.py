@@ -12,7 +12,9 @@ is re-evaluated for the shorter length, and the rules run unchanged on each bloc
 Interpreter pattern: only ``call_function`` is overridden).  Two things couple the blocks and are
 handled here: the rest component lives in block 0 only (``registry.rest_in_block``), and an
 activation's allocation normalises over all components, so its pre-activation is assembled in full
-for that one step.  Attention probabilities are computed once on all positions, then sliced.
+for that one step.  Attention probabilities are computed once on all positions, then sliced.  Routed
+attention (rules/attention.py Note [Attention routing credit]) allocates among all components at every
+(query, key) pair, so its queries, keys and values are assembled in full and its output split again.
 With ``k`` blocks the work is about ``(k + 1) / 2k`` of the dense pass; results are identical up to
 floating-point rounding (tests compare against the dense path in float64).
 
@@ -78,7 +80,7 @@ import torch.fx
 
 from fxdepass.rules.activations import allocate
 from fxdepass.rules import attention as attention_rules
-from fxdepass.rules.attention import apply_to_values_by_head, scaled_dot_product_attention, values_by_head
+from fxdepass.rules.attention import apply_to_values_by_head, routed_attention, scaled_dot_product_attention, values_by_head
 from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
@@ -277,7 +279,7 @@ def position_wise_tail(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch
     key = ("position_wise_tail", symbol, batch)
     if key not in module.meta:
         nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
-        mixing = [i for i, n in enumerate(nodes) if n.target is scaled_dot_product_attention
+        mixing = [i for i, n in enumerate(nodes) if n.target in (scaled_dot_product_attention, routed_attention)
                   or any(len(_position_axes(a, symbol, batch)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
         module.meta[key] = set(nodes[mixing[-1] + 1:] if mixing else nodes)
     return module.meta[key]
@@ -681,6 +683,8 @@ class BlockedInterpreter(torch.fx.Interpreter):
             return self._split(real, target(dense, activation, **kwargs), base, starts)
         if target is scaled_dot_product_attention:
             return self._attention(node, kwargs)
+        if target is routed_attention:
+            return self._assembled(node, args, kwargs)
         residual = self._residual_for(node) if node in self.accumulate else None
         if residual is not None:
             self._add_blocks(residual, node, args, kwargs, with_bias=True)
@@ -760,6 +764,29 @@ class BlockedInterpreter(torch.fx.Interpreter):
             shift = starts[k] - value.starts[k]
             parts.append(self._narrow_tensor(real, part, shift, offset=1) if shift else part)
         return Blocks(parts, list(starts))
+
+    def _assembled(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Blocks:
+        """``node``'s rule run on its components assembled in full (a rule coupling every component at
+        every pair of positions: routed attention), its result split back into blocks."""
+        templates, carried = node.kwargs["components"], kwargs["components"]
+        dense, bases = [], set()
+        for template, value in zip(templates, carried):
+            if isinstance(value, Blocks):
+                full, base = self._assemble(value, template.meta["fxdepass_real"])
+                dense.append(full)
+                bases.add(base)
+            else:
+                dense.append(value)
+        if len(bases) != 1:
+            raise FxDePassError(f"{node.name}: its components start at different positions {sorted(bases)}")
+        base = bases.pop()
+        args = tuple(self._narrow(t, v, base) if isinstance(t, torch.fx.Node) else v for t, v in zip(node.args, args))
+        kwargs = {**kwargs, "components": tuple(dense)}
+        if kwargs.get("sink") is not None:  # positions are now counted from base
+            kwargs["sink"] = kwargs["sink"] - torch.tensor([[0], [base]], device=kwargs["sink"].device)
+        with registry.rest_in_block(self.rest_here):
+            result = node.target(*args, **kwargs)
+        return self._split(node.meta["fxdepass_real"], result, base, self._starts_for(node))
 
     def _attention(self, node: torch.fx.Node, kwargs: dict) -> Blocks:
         query, key, *rest = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]

@@ -21,7 +21,17 @@ Each op has one kind (SPEC §2):
 * ``ACTIVATION``: an elementwise activation (``silu``, ``gelu``, ``relu``); its output is allocated
   among the components of its input.
 * ``CUSTOM``: a hand-written rule ``fn`` with the op's own signature, receiving real argument values
-  plus ``components=`` for the one argument that carries them (``layer_norm``, attention).
+  plus ``components=`` for the one argument that carries them (``layer_norm``, attention).  A rule
+  declared on several arguments receives a tuple, one entry per declared argument, ``None`` where that
+  argument carries no components; one declared ``allocates`` also receives the activation allocation
+  policy (``mode=``, ``temperature=``, and ``sink=`` for token seeds, Note [Activation allocation]).
+
+Note [Rule variants]
+~~~~~~~~~~~~~~~~~~~~
+An op may have a second rule under a *variant* name, chosen for a whole compiled model
+(``fxdepass.compile(model, attention="routed")`` selects the ``"routed"`` variant of attention).
+``lookup(op, variant)`` returns the variant's rule where one is registered, else the op's default rule,
+so a variant only names the ops it changes.
 
 ``elementwise`` marks ops whose output element depends only on the same element of the inputs; the
 analysis uses it to find multi-op activations.
@@ -50,6 +60,7 @@ __all__ = [
     "Kind",
     "OpRule",
     "RULES",
+    "VARIANTS",
     "deflinear",
     "defbilinear",
     "deffrozen",
@@ -83,6 +94,8 @@ class OpRule:
     elementwise: bool = False
     nonlinear_args: tuple[int, ...] = ()
     fn: Callable[..., Any] | None = None
+    #: a hand-written rule that also takes the activation allocation policy (Note [Kinds of ops])
+    allocates: bool = False
 
     @property
     def name(self) -> str:
@@ -91,18 +104,29 @@ class OpRule:
 
 RULES: dict[Any, OpRule] = {}
 
+#: variant name → op → the op's rule in that variant (Note [Rule variants])
+VARIANTS: dict[str, dict[Any, OpRule]] = {}
 
-#: rules declared by the qualified name of an op not registered yet (Note [Ops of other libraries])
-_PENDING: dict[str, OpRule] = {}
+
+#: rules declared by the qualified name of an op not registered yet (Note [Ops of other libraries]),
+#: with the variant they belong to
+_PENDING: dict[tuple[str, str | None], OpRule] = {}
 
 
-def lookup(op: Any) -> OpRule | None:
-    """The rule for ``op``, or ``None`` when the table has none."""
+def lookup(op: Any, variant: str | None = None) -> OpRule | None:
+    """The rule for ``op`` (in ``variant`` where it has one, Note [Rule variants]), or ``None`` when the
+    table has none.
+
+    >>> lookup(torch.ops.aten.scaled_dot_product_attention.default, "routed").allocates
+    True
+    """
     if op not in RULES and _PENDING:
-        for name in list(_PENDING):
+        for name, pending_variant in list(_PENDING):
             resolved = _resolve(name)
             if resolved is not None:
-                _register(dataclasses.replace(_PENDING.pop(name), op=resolved))
+                _register(dataclasses.replace(_PENDING.pop((name, pending_variant)), op=resolved), pending_variant)
+    if variant is not None and op in VARIANTS.get(variant, {}):
+        return VARIANTS[variant][op]
     return RULES.get(op)
 
 
@@ -134,16 +158,18 @@ def _positions(op: Any, args: Iterable[int | str]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _register(rule: OpRule) -> None:
+def _register(rule: OpRule, variant: str | None = None) -> None:
     if isinstance(rule.op, str):  # Note [Ops of other libraries]
         resolved = _resolve(rule.op)
         if resolved is None:
-            _PENDING[rule.op] = rule
+            _PENDING[(rule.op, variant)] = rule
             return
         rule = dataclasses.replace(rule, op=resolved)
-    if rule.op in RULES:
-        raise FxDePassError(f"a rule for {rule.name} is already registered ({RULES[rule.op].kind.value})")
-    RULES[rule.op] = rule
+    table = RULES if variant is None else VARIANTS.setdefault(variant, {})
+    if rule.op in table:
+        where = "" if variant is None else f" in variant {variant!r}"
+        raise FxDePassError(f"a rule for {rule.name} is already registered{where} ({table[rule.op].kind.value})")
+    table[rule.op] = rule
 
 
 def _ops(ops: Any) -> Sequence[Any]:
@@ -196,7 +222,9 @@ def defactivation(ops: Any) -> None:
         _register(OpRule(op, Kind.ACTIVATION, elementwise=True, nonlinear_args=(0,)))
 
 
-def register_rule(ops: Any, decomposes: int | str = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_rule(
+    ops: Any, decomposes: int | str | Sequence[int | str] = 0, *, variant: str | None = None, allocates: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a hand-written rule for ``ops``; argument ``decomposes`` is the one carrying components.
 
     The rule is called with the op's own arguments (real values) and ``components=`` holding the
@@ -206,12 +234,16 @@ def register_rule(ops: Any, decomposes: int | str = 0) -> Callable[[Callable[...
         def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True, *, components):
             ...
 
-    An op of a library that may not be loaded yet is named ``"namespace::op"`` (Note [Ops of other libraries]).
+    With several arguments (``decomposes=("query", "key", "value")``) ``components=`` is a tuple, ``None``
+    where an argument carries none.  ``variant`` registers the rule under that variant name (Note [Rule
+    variants]); ``allocates`` passes the activation allocation policy to the rule.  An op of a library
+    that may not be loaded yet is named ``"namespace::op"`` (Note [Ops of other libraries]).
     """
+    names = [decomposes] if isinstance(decomposes, (int, str)) else list(decomposes)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for op in _ops(ops):
-            _register(OpRule(op, Kind.CUSTOM, _positions(op, [decomposes]), fn=fn))
+            _register(OpRule(op, Kind.CUSTOM, _positions(op, names), fn=fn, allocates=allocates), variant)
         return fn
 
     return decorate

@@ -34,12 +34,23 @@ __all__ = ["Policy", "build_module"]
 _MAIN_OPS = {"linear", "addmm", "embedding", "layer_norm", "conv1d"}
 
 
+#: how attention is decomposed: the paper's frozen probabilities, or routing credit too (rules/attention.py
+#: Note [Attention routing credit])
+ATTENTIONS = ("frozen", "routed")
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """How nonlinearities are decomposed (fixed for one compiled model)."""
 
     activation: str = "softmax"
     temperature: float = 0.1
+    attention: str = "frozen"
+
+    @property
+    def variant(self) -> str | None:
+        """The rule variant (registry Note [Rule variants]) this policy selects."""
+        return None if self.attention == "frozen" else self.attention
 
 
 class _Namer:
@@ -87,7 +98,9 @@ def build_module(
     prefix: str = "",
 ) -> torch.fx.GraphModule:
     """Generate the decomposed module: ``forward(*inputs) -> ((real, components) per readout)``."""
-    analysis = analyse(captured.graph, [p.node for p in points], readouts)
+    analysis = analyse(captured.graph, [p.node for p in points], readouts, policy.variant)
+    if policy.attention == "routed":
+        _check_routable(analysis)
     starts = {p.node: p for p in points}
     graph = torch.fx.Graph()
     namer = _Namer(prefix)
@@ -186,8 +199,15 @@ def _emit(
         components = (parts[args[first]], parts[args[second]])
         return symmetric_product, (node.target, *real_args), {"components": components, **real_kwargs}
     if info.rule.kind is Kind.CUSTOM:
-        (position,) = info.component_args
-        return info.rule.fn, tuple(real_args), {"components": parts[args[position]], **real_kwargs}
+        declared = info.rule.linear_args
+        carried = [parts[args[i]] if i in info.component_args else None for i in declared]
+        components = carried[0] if len(declared) == 1 else tuple(carried)
+        extra = {}
+        if info.rule.allocates:
+            extra = {"mode": policy.activation, "temperature": policy.temperature}
+            if sink is not None:
+                extra["sink"] = sink
+        return info.rule.fn, tuple(real_args), {"components": components, **real_kwargs, **extra}
 
     def with_components(value: Any, position: int) -> tuple[Any, Any]:
         """(graph value, in_dim) for one argument: its components where it carries them."""
@@ -202,3 +222,29 @@ def _emit(
 
     pairs = [with_components(a, i) for i, a in enumerate(args)]
     return linear_map, (node.target, *[p[0] for p in pairs]), {"in_dims": tuple(p[1] for p in pairs), **real_kwargs}
+
+
+#: ops that normalise attention scores in an eagerly computed attention
+_SOFTMAXES = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
+
+
+def _check_routable(analysis: Analysis) -> None:
+    """Refuse routed attention where attention is computed eagerly: its softmax of ``q·kᵀ`` is frozen
+    by a rule that cannot see queries, keys and values together, so routing credit would be silently lost."""
+    for node, info in analysis.info.items():
+        if node.target not in _SOFTMAXES:
+            continue
+        todo, seen = [node.args[0]], set()
+        while todo:  # back through the scaling and masking to the scores' product
+            source = todo.pop()
+            if not isinstance(source, torch.fx.Node) or source in seen or source not in analysis.info:
+                continue
+            seen.add(source)
+            if analysis.info[source].flavour == PRODUCT:
+                raise FxDePassError(
+                    f"attention='routed' needs scaled_dot_product_attention, but {node.name} at "
+                    f"{node_location(node)} is a softmax of q·kᵀ computed eagerly; load the model with "
+                    "attn_implementation='sdpa' (or compile with attention='frozen')")
+            rule = analysis.info[source].rule
+            if rule is not None and (rule.elementwise or rule.kind is Kind.LINEAR):
+                todo.extend(source.all_input_nodes)

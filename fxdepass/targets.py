@@ -170,23 +170,25 @@ class Diff(Target):
 @dataclasses.dataclass(frozen=True)
 class LogProb(Target):
     """``log p_t`` with the output softmax's normaliser frozen (module docstring): ``c = onehot(t) − p``, and
-    the frozen ``−H(p)`` is rest's."""
+    the frozen ``−H(p)`` is rest's.  ``token`` is one token (:class:`Token`) or one per read position
+    (:class:`TokenAt`, generated text's own tokens)."""
 
-    token: Token
+    token: Token | TokenAt
 
     def resolve(self, tokenizer: Any, vocabulary: int | None) -> "LogProb":
         return LogProb(self.token.resolve(tokenizer, vocabulary))
 
+    # in place: these are [positions, vocabulary], the largest tensors of a read at every position
     def coefficients(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.token.coefficients(logits) - logits.softmax(-1)
+        return logits.softmax(-1).neg_().add_(self.token.coefficients(logits))
 
     def constant(self, logits: torch.Tensor) -> torch.Tensor:
         # −H(p) = Σ_v p_v log p_v; xlogy keeps p_v = 0 (underflow) at 0 instead of 0·(−inf)
         p = logits.softmax(-1)
-        return torch.xlogy(p, p).sum(-1)
+        return p.xlogy_(p).sum(-1)
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.log_softmax(-1)[:, self.token.token]
+        return self.token.value(logits.log_softmax(-1))  # the token's entry, read from log p instead of z
 
     def label(self, tokenizer: Any) -> str:
         return f"log p({self.token.label(tokenizer)})"

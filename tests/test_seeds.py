@@ -278,7 +278,7 @@ def test_generated_tokens_scores_sum_to_their_logits(llama64) -> None:
         scores = result.scores(step)
         assert scores.shape == (4 + step + 1,)
         assert len(result.labels(step)) == len(scores)
-        assert abs(float(scores.sum()) - result.logit(step)) <= 1e-9 * max(1.0, abs(result.logit(step)))
+        assert abs(float(scores.sum()) - result.value(step)) <= 1e-9 * max(1.0, abs(result.value(step)))
 
 
 def test_ablate_zeroes_contributions_and_restores_exactly(llama64) -> None:
