@@ -13,7 +13,6 @@ descendants among the drawn nodes).
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
 import networkx as nx

@@ -110,8 +110,8 @@ def _token_id(token: int | str, tokenizer: Any, vocabulary: int) -> int:
 def logit_target(logits: torch.Tensor, token: int | str | None, model: torch.nn.Module, tokenizer: Any = None) -> Target:
     """The logit of ``token`` (default: the argmax) at the last position, from the real ``logits`` (``[N, V]``).
 
-    ``direction`` is the token's unembedding row (unit length), so the heatmap is a logit lens
-    without the final norm.
+    ``direction`` is the token's unembedding row (unit length); the heatmap of a logit target does not use it
+    but reads the layer lens, through the final norm (:func:`layer_scores`).
 
     >>> logit_target(torch.tensor([[0., 1.], [2., 0.]]), None, model).token            # doctest: +SKIP
     0
