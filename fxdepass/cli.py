@@ -94,6 +94,8 @@ def _parser() -> _Parser:
         sub.add_argument("--out", metavar="DIR", help="write the results here (default ./fxdepass-out when --format is given)")
         sub.add_argument("--format", help=f"comma-separated output formats among {','.join(FORMATS)} (default: all, with --out)")
         sub.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
+        sub.add_argument("--slug", help="the json format's name: DIR/SLUG.json, listed in DIR/graph-metadata.json for "
+                         "circuit-tracer's viewer (default: from the prompt and target, so runs do not overwrite each other)")
 
     attribute = commands.add_parser("attribute", help="one decomposed pass: each component's share of the target")
     common(attribute, prompts_file=True)
@@ -239,8 +241,9 @@ def _print_table(graph: Any, top: int, partition: bool) -> None:
         print(f"  {'…':>4}  {f'{len(nodes) - top} more':<28} {folded}".rstrip())
 
 
-def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress) -> None:
-    """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``)."""
+def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress, slug: str | None) -> None:
+    """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``, and
+    ``stem.svg`` when Graphviz is installed); json as ``directory/<slug>.json`` listed in ``graph-metadata.json``."""
     from .export import write_circuit_json, write_dot, write_graphml
     from .report import write_report
 
@@ -250,13 +253,14 @@ def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress:
         path = directory / f"{stem}.{fmt}"
         if fmt == "html":
             written.append(write_report(graph, path))
-            written.append(path.with_suffix(".dot"))
+            written += [p for p in (path.with_suffix(".dot"), path.with_suffix(".svg")) if p.exists()]
         elif fmt == "dot":
             written.append(write_dot(graph, path))
         elif fmt == "graphml":
             written.append(write_graphml(graph, path))
         else:
-            written.append(write_circuit_json(graph, path))
+            written.append(write_circuit_json(graph, directory, slug=slug))
+            written.append(directory / "graph-metadata.json")
     for path in dict.fromkeys(written):
         progress.step(f"wrote {path}")
 
@@ -272,7 +276,7 @@ def _header(graph: Any) -> None:
 
 
 def _attribute(args: argparse.Namespace, progress: Progress) -> int:
-    from .graph import seed_graph
+    from .graph import layer_scores, seed_activations, seed_graph
     from .seeds import Tokens
 
     if args.prompts_file is not None:
@@ -289,8 +293,10 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
+    heatmap = layer_scores(decomposed, ids, target, results["layers"].components) if isinstance(seed, Tokens) else None
     graph = seed_graph(attribution, seed, target, layers=decomposed.layers, tokenizer=tokenizer,
-                       model_name=type(decomposed.model).__name__, layer_attribution=results.get("layers"))
+                       model_name=type(decomposed.model).__name__, activations=seed_activations(decomposed, ids, seed),
+                       heatmap=heatmap)
     _header(graph)
     print(f"contributions of {args.seed} (rest {graph.graph['rest']:+.4f}):")
     _print_table(graph, args.top, partition=True)
@@ -298,7 +304,7 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     print(f"components + rest {graph.graph['value']:+.6f}   real value {real:+.6f}   "
           f"reconstruction error {attribution.reconstruction_error():.1e}")
     if directory is not None:
-        _write(graph, directory, formats, "attribution", progress)
+        _write(graph, directory, formats, "attribution", progress, args.slug)
     return 0
 
 
@@ -338,12 +344,15 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     ids = _encode(tokenizer, args.prompt)
     real = decomposed.attribute(ids, positions="all", targets="all", readout=decomposed.default_readout).total[0]
     target = _target(decomposed, tokenizer, args, real)
+    started = time.perf_counter()
     graph = build_graph(decomposed, ids, target, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
                         progress=progress.bar)
+    built = time.perf_counter() - started
     _header(graph)
     info = graph.graph
     print(f"graph    {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges; explained fraction "
-          f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
+          f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}; built in {built:.1f} s "
+          f"({len(info['stages'])} decomposed passes)")
     print("stages   (kept edges into the target + pruned + rest = target value)")
     for stage in info["stages"]:
         print(f"  {stage['stage']:<20} kept {stage['kept']:>+10.4f}   pruned {stage['pruned']:>+10.4f}   "
@@ -351,7 +360,7 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     print("nodes by contribution (each stage on its own adds up to the target):")
     _print_table(graph, args.top, partition=False)
     if directory is not None:
-        _write(graph, directory, formats, "graph", progress)
+        _write(graph, directory, formats, "graph", progress, args.slug)
     return 0
 
 

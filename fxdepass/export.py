@@ -4,19 +4,23 @@ docs/graph-format.md documents the node kinds, their attributes and how they map
 fields (:data:`CIRCUIT_SCHEMA` is that mapping's JSON Schema).
 
 >>> write_dot(graph, "out/graph.dot"); write_graphml(graph, "out/graph.graphml")       # doctest: +SKIP
->>> write_circuit_json(graph, "out/graph.json")                                        # doctest: +SKIP
+>>> write_circuit_json(graph, "out")      # out/<slug>.json and out/graph-metadata.json  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import pydot
 
-__all__ = ["to_pydot", "write_dot", "write_graphml", "to_circuit_json", "write_circuit_json", "CIRCUIT_SCHEMA",
-           "signed_colour"]
+from .errors import InvalidInputError
+
+__all__ = ["to_pydot", "write_dot", "write_graphml", "to_circuit_json", "write_circuit_json", "default_slug",
+           "CIRCUIT_SCHEMA", "signed_colour"]
 
 #: JSON Schema of :func:`to_circuit_json`'s output (the fields circuit-tracer's front end reads)
 CIRCUIT_SCHEMA: dict[str, Any] = {
@@ -59,8 +63,8 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
                     "feature": {"type": "integer"},
                     "layer": {"type": "string"},
                     "ctx_idx": {"type": "integer", "minimum": 0},
-                    "feature_type": {"enum": ["embedding", "attention head", "mlp block", "attention block", "mlp neuron",
-                                              "token group", "component", "logit"]},
+                    "feature_type": {"enum": ["embedding", "cross layer transcoder", "logit"]},
+                    "fxdepass_kind": {"type": "string"},
                     "jsNodeId": {"type": "string"},
                     "clerp": {"type": "string"},
                     "influence": {"type": "number"},
@@ -81,11 +85,31 @@ CIRCUIT_SCHEMA: dict[str, Any] = {
     },
 }
 
+# Note [circuit-tracer node types]
+# circuit-tracer's viewer knows the feature types "embedding", "logit", "cross layer transcoder" (an ordinary
+# feature, drawn as a dot) and error types (any type containing "error": "mlp reconstruction error"), and it
+# keys a node's hover state on "{layer}_{feature}_{ctx_idx}".  Our heads, MLP blocks and seed components are
+# exact parts of the model, not errors, so they are all "cross layer transcoder"; tokens are "embedding", the
+# target "logit".  A feature number must be a non-negative index unique within its layer: heads keep their
+# index h, an MLP block is the number after the heads, an attention block the one after that (so no node
+# id has the error nodes' -1).  Our own kind stays in ``fxdepass_kind``.
+
 #: our node kinds → circuit-tracer ``feature_type``
-_FEATURE_TYPES = {"token": "embedding", "head": "attention head", "mlp": "mlp block", "attention": "attention block",
-                  "neuron": "mlp neuron", "group": "token group", "component": "component", "target": "logit"}
-#: ``feature`` of module-level nodes, which have no index of their own
-_MODULE_FEATURES = {"mlp": -1, "attention": -2}
+_FEATURE_TYPES = {"token": "embedding", "target": "logit"}
+_INTERNAL_TYPE = "cross layer transcoder"
+
+
+def default_slug(graph: nx.DiGraph) -> str:
+    """A slug naming the graph among others in one folder: the prompt's words and a short hash of the prompt and
+    the target (the same prompt and target give the same slug, so re-running replaces its own entry).
+
+    >>> default_slug(nx.DiGraph(prompt="The capital of France is", target="logit ' Paris'"))
+    'the-capital-of-france-is-2b82fb'
+    """
+    prompt, target = str(graph.graph.get("prompt", "")), str(graph.graph.get("target", ""))
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-") or "graph"
+    digest = hashlib.sha1(f"{prompt}\n{target}".encode()).hexdigest()[:6]
+    return f"{words}-{digest}"
 
 
 def signed_colour(value: float, largest: float, floor: float = 0.0) -> str:
@@ -167,32 +191,34 @@ def write_graphml(graph: nx.DiGraph, path: str | Path) -> Path:
     return path
 
 
-def _circuit_node(data: dict[str, Any], vocab_id: int, layers: int, length: int, probability: float) -> dict[str, Any]:
-    """One node in circuit-tracer's fields (docs/graph-format.md has the table)."""
+def _circuit_node(data: dict[str, Any], vocab_id: int, layers: int, length: int, probability: float,
+                  heads: int) -> dict[str, Any]:
+    """One node in circuit-tracer's fields (Note [circuit-tracer node types]; docs/graph-format.md has the table)."""
     kind, position = data["kind"], int(data["position"])
-    if kind in ("token", "group"):
-        feature, layer = (position if kind == "token" else data["index"]), "E"
-        node_id = f"E_{vocab_id if kind == 'token' else feature}_{position}"
+    if kind == "token":
+        feature, layer, node_id, js_id = position, "E", f"E_{vocab_id}_{position}", f"E_{vocab_id}-{position}"
         clerp = data["label"]
     elif kind == "target":
         feature, layer = data["index"], str(layers + 1)
-        node_id = f"{layer}_{feature}_{position}"
+        node_id, js_id = f"{layer}_{feature}_{position}", f"L_{feature}-{position}"
         clerp = f'Output "{data["token"]}" (p={probability:.3f})'
     else:
-        feature, layer = _MODULE_FEATURES.get(kind, data["index"]), str(data["layer"])
-        node_id = f"{layer}_{feature}_{position}"
+        feature = {"mlp": heads, "attention": heads + 1}.get(kind, data["index"])
+        layer = "E" if kind == "group" else str(data["layer"])
+        node_id, js_id = f"{layer}_{feature}_{position}", f"{layer}_{feature}-{length - 1 - position}"
         clerp = data["label"]
     return {
         "node_id": node_id, "feature": int(feature), "layer": layer, "ctx_idx": position,
-        "reverse_ctx_idx": length - 1 - position, "feature_type": _FEATURE_TYPES[kind],
-        "jsNodeId": f"{node_id.rsplit('_', 1)[0]}-{position}", "clerp": clerp,
+        "reverse_ctx_idx": length - 1 - position, "feature_type": _FEATURE_TYPES.get(kind, _INTERNAL_TYPE),
+        "fxdepass_kind": kind, "jsNodeId": js_id, "clerp": clerp,
         "influence": float(data["influence"]), "activation": float(data["activation"]),
         "token_prob": probability if kind == "target" else 0.0, "is_target_logit": kind == "target",
     }
 
 
-def to_circuit_json(graph: nx.DiGraph, *, slug: str = "fxdepass") -> dict[str, Any]:
-    """The graph in circuit-tracer's JSON schema (:data:`CIRCUIT_SCHEMA`; mapping in docs/graph-format.md).
+def to_circuit_json(graph: nx.DiGraph, *, slug: str | None = None) -> dict[str, Any]:
+    """The graph in circuit-tracer's JSON schema (:data:`CIRCUIT_SCHEMA`; mapping in docs/graph-format.md);
+    ``slug`` defaults to :func:`default_slug`.
 
     >>> sorted(to_circuit_json(graph))                                                  # doctest: +SKIP
     ['links', 'metadata', 'nodes', 'qParams']
@@ -200,13 +226,14 @@ def to_circuit_json(graph: nx.DiGraph, *, slug: str = "fxdepass") -> dict[str, A
     info = graph.graph
     tokens = list(info.get("prompt_tokens", []))
     layers = max([d["layer"] for _, d in graph.nodes(data=True) if d["kind"] == "target"], default=0)
+    heads = 1 + max([d["index"] for _, d in graph.nodes(data=True) if d["kind"] == "head"], default=-1)
     probability = float(info.get("probability", 1.0))
     vocab_ids = list(info.get("input_ids", []))
     ids = {n: _circuit_node(d, vocab_ids[d["position"]] if d["kind"] == "token" else -1, layers, len(tokens),
-                            probability) for n, d in graph.nodes(data=True)}
+                            probability, info.get("heads", heads)) for n, d in graph.nodes(data=True)}
     extras = {k: v for k, v in info.items() if k not in ("prompt_tokens", "prompt")}
     return {
-        "metadata": {"slug": slug, "scan": "fxdepass", "transcoder_list": [], "prompt_tokens": tokens,
+        "metadata": {"slug": slug or default_slug(graph), "scan": "fxdepass", "transcoder_list": [], "prompt_tokens": tokens,
                      "prompt": info.get("prompt", "".join(tokens)), "node_threshold": float(info.get("node_threshold", 1.0)),
                      "schema_version": 1, "fxdepass": extras},
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
@@ -216,8 +243,25 @@ def to_circuit_json(graph: nx.DiGraph, *, slug: str = "fxdepass") -> dict[str, A
     }
 
 
-def write_circuit_json(graph: nx.DiGraph, path: str | Path, *, slug: str | None = None) -> Path:
-    """Write :func:`to_circuit_json` to ``path`` (slug: the file's stem)."""
-    path = Path(path)
-    path.write_text(json.dumps(to_circuit_json(graph, slug=slug or path.stem), indent=1), encoding="utf-8")
+def write_circuit_json(graph: nx.DiGraph, directory: str | Path, *, slug: str | None = None) -> Path:
+    """Write :func:`to_circuit_json` to ``directory/<slug>.json`` and list it in ``directory/graph-metadata.json``
+    (``{"graphs": [metadata, …]}``, where circuit-tracer's viewer finds a folder's graphs): an entry with the same
+    slug is replaced, every other one kept.  ``slug`` defaults to :func:`default_slug`.
+
+    >>> write_circuit_json(graph, "out", slug="capital")                                # doctest: +SKIP
+    PosixPath('out/capital.json')
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = to_circuit_json(graph, slug=slug)
+    slug = data["metadata"]["slug"]
+    if not re.fullmatch(r"[\w.-]+", slug) or slug.startswith("."):
+        raise InvalidInputError(f"slug {slug!r}: use letters, digits, '-', '_' and '.' (it names the file {slug}.json)")
+    path = directory / f"{slug}.json"
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    listing = directory / "graph-metadata.json"
+    graphs = json.loads(listing.read_text(encoding="utf-8")).get("graphs", []) if listing.exists() else []
+    entry = {k: v for k, v in data["metadata"].items() if k != "fxdepass"}
+    graphs = [g for g in graphs if g.get("slug") != slug] + [entry]
+    listing.write_text(json.dumps({"graphs": graphs}, indent=1), encoding="utf-8")
     return path

@@ -33,13 +33,14 @@ import torch.fx
 
 from .api import Attribution, DecomposedModel
 from .errors import FxDePassError, InvalidInputError
+from .lens import layer_lens
 from .locations import Locations
 from .readouts import readout_nodes
 from .rewrite import build_module
 from .seeds import Heads, Modules, Neurons, Seed, SeedPoint, Tokens, split_features, split_groups, tokens
 
 __all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "seed_graph", "keep_fraction",
-           "split_heads_by_position", "token_texts", "layer_scores"]
+           "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
 
 aten = torch.ops.aten
 #: argument position of the weight of the linear maps ``Locations`` finds (features times weight)
@@ -109,8 +110,8 @@ def _token_id(token: int | str, tokenizer: Any, vocabulary: int) -> int:
 def logit_target(logits: torch.Tensor, token: int | str | None, model: torch.nn.Module, tokenizer: Any = None) -> Target:
     """The logit of ``token`` (default: the argmax) at the last position, from the real ``logits`` (``[N, V]``).
 
-    ``direction`` is the token's unembedding row (unit length), so the heatmap is a logit lens
-    without the final norm.
+    ``direction`` is the token's unembedding row (unit length); the heatmap of a logit target does not use it
+    but reads the layer lens, through the final norm (:func:`layer_scores`).
 
     >>> logit_target(torch.tensor([[0., 1.], [2., 0.]]), None, model).token            # doctest: +SKIP
     0
@@ -471,43 +472,72 @@ def _assemble(decomposed: DecomposedModel, ids: torch.Tensor, heads: int, stages
         prompt=_prompt(ids, decomposed.tokenizer, texts), prompt_tokens=texts, input_ids=ids[0].tolist(),
         model=type(decomposed.model).__name__, readout=target.readout, target=target.label, target_token=target.token,
         probability=target.probability, value=value, node_threshold=node_threshold, edge_threshold=edge_threshold,
-        stages=stage_rows,
+        heads=heads, stages=stage_rows,
         explained_fraction=1.0 - pruned / (len(stage_rows) * value) if value else 0.0,
         influence_fraction=float(influence[internal & kept].sum()) / all_influence if all_influence else 0.0,
-        **layer_scores(passes.layer_parts, target),
+        **layer_scores(decomposed, ids, target, passes.layer_parts),
     )
     return graph
 
 
-def layer_scores(parts: torch.Tensor, target: Target) -> dict[str, list]:
-    """The heatmap of the report from token-seed components of the ``"layers"`` readout (``[L+1, N+1, 1, N, D]``):
-    ``layer_scores[ℓ][q]`` is token q's share of the residual stream after layer ℓ (row 0: entering layer 0),
-    projected on the target's ``direction`` and weighted over its ``positions`` (the norm without a direction).
+def layer_scores(decomposed: DecomposedModel, ids: torch.Tensor, target: Target,
+                 parts: torch.Tensor | None = None) -> dict[str, list]:
+    """The report's tokens × layers heatmap: ``layer_scores[ℓ][q]`` is token q's share of the target as it stands
+    in the residual stream after layer ℓ (row 0: entering layer 0).
 
-    >>> layer_scores(decomposed.attribute(ids, readout="layers").components, target)["layer_labels"][:2]  # doctest: +SKIP
+    For a logit target it is :func:`fxdepass.layer_lens`'s table — the stream read through the final norm with its
+    real (frozen) scale and the head, as the last block's output is read — so the last row *is* the tokens'
+    contributions (tests/test_report.py).  An encoder's target (an embedding's length or cosine) has no lens: its
+    rows are the token seed's ``"layers"`` components ``parts`` (``[L+1, N+1, 1, N, D]``) projected on the target's
+    ``direction`` and weighted over its ``positions``.
+
+    >>> layer_scores(decomposed, ids, resolve_target(decomposed, logits, None))["layer_labels"][:2]  # doctest: +SKIP
     ['embeddings', 'after layer 0']
     """
+    if target.readout == "logits":
+        lens = layer_lens(decomposed, ids, targets=target.token)
+        return {"layer_scores": lens.table()[:, :-1].tolist(), "layer_labels": lens.layer_labels,
+                "layer_meaning": "lens"}
     tokens = parts[:, :-1, 0]                                                   # [L+1, N tokens, N positions, D]
     along = tokens.norm(dim=-1) if target.direction is None else tokens @ target.direction.to(tokens.dtype)
     scores = (along * target.positions.to(tokens.dtype)).sum(-1)
     labels = ["embeddings"] + [f"after layer {layer}" for layer in range(len(parts) - 1)]
-    return {"layer_scores": scores.tolist(), "layer_labels": labels}
+    return {"layer_scores": scores.tolist(), "layer_labels": labels, "layer_meaning": "projection"}
+
+
+def seed_activations(decomposed: DecomposedModel, input_ids: Any, seed: Seed) -> torch.Tensor:
+    """Each component's activation as docs/graph-format.md defines it: the norm of the component where ``seed``
+    splits it, at its position (a token's at its own, others' at the last), over all of the seed's points.
+
+    >>> seed_activations(decomposed, ids, fxdepass.tokens())      # the embeddings' norms  # doctest: +SKIP
+    """
+    ids = _one_prompt(decomposed, input_ids)
+    where = decomposed.locations_for(decomposed.prompt_inputs(ids))
+    points = seed.points(where)
+    length = ids.shape[1]
+    squares = 0.0
+    for _, parts in _decompose(decomposed, ids, where, seed, [p.node for p in points]):
+        squares = squares + parts[:-1].reshape(len(parts) - 1, length, -1).square().sum(-1)   # [M, N]
+    positions = [_seed_component(seed, index, length - 1)[1] for index in range(len(squares))]
+    return squares[torch.arange(len(squares)), torch.tensor(positions)].sqrt()
 
 
 # -- the graph of one seed's attribution ------------------------------------------------------------------------
 
 
 def seed_graph(attribution: Attribution, seed: Seed, target: Target, *, layers: int, tokenizer: Any = None,
-               model_name: str = "", layer_attribution: Attribution | None = None) -> nx.DiGraph:
+               model_name: str = "", activations: torch.Tensor, heatmap: dict[str, list] | None = None) -> nx.DiGraph:
     """One decomposed pass as a graph: a node per component of ``seed`` and an edge from each to the
     ``target`` (weight: its share of the target), with the same attributes as :func:`build_graph`'s nodes.
 
     ``layers`` (the model's number of blocks) resolves negative layer indices; components without a position
     (heads, neurons, modules) sit at the last position.  Nothing is pruned; rest is the graph attribute
-    ``rest``.  ``layer_attribution`` (a token seed's ``"layers"`` readout) adds the report's heatmap.
+    ``rest``.  ``activations`` (:func:`seed_activations`) are the nodes' ``activation``;
+    ``heatmap`` (:func:`layer_scores`, for a token seed) adds the report's tokens × layers view.
 
     >>> att = decomposed.attribute(ids, seed=fxdepass.heads(1))                            # doctest: +SKIP
-    >>> seed_graph(att, fxdepass.heads(1), resolve_target(decomposed, att.total[0], None), layers=2)  # doctest: +SKIP
+    >>> seed_graph(att, fxdepass.heads(1), resolve_target(decomposed, att.total[0], None), layers=2,
+    ...            activations=seed_activations(decomposed, ids, fxdepass.heads(1)))                  # doctest: +SKIP
     """
     scores = target.of(attribution.components[:, 0])
     ids = attribution.input_ids[:1]
@@ -519,8 +549,8 @@ def seed_graph(attribution: Attribution, seed: Seed, target: Target, *, layers: 
     for index, label in enumerate(attribution.labels[:-1]):
         kind, position, node_index = _seed_component(seed, index, last)
         graph.add_node(f"c{index}", **_node(kind, layer, position, texts[position], node_index, 0, label),
-                       contribution=float(scores[index]), activation=float(attribution.components[index, 0].norm()),
-                       influence=float(cumulative[index]))
+                       contribution=float(scores[index]), influence=float(cumulative[index]),
+                       activation=float(activations[index]))
         graph.add_edge(f"c{index}", "target", weight=float(scores[index]))
     value = float(scores.sum())
     graph.add_node("target", **_node("target", layers, last, target.text, target.token, 1, target.label),
@@ -529,8 +559,8 @@ def seed_graph(attribution: Attribution, seed: Seed, target: Target, *, layers: 
                        model=model_name, readout=target.readout, target=target.label, target_token=target.token,
                        probability=target.probability, value=value, rest=float(scores[-1]), node_threshold=1.0,
                        edge_threshold=1.0, explained_fraction=1.0)
-    if layer_attribution is not None:
-        graph.graph.update(layer_scores(layer_attribution.components, target))
+    if heatmap is not None:
+        graph.graph.update(heatmap)
     return graph
 
 

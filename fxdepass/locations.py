@@ -91,6 +91,18 @@ class Locations:
         self.hidden_size = getattr(config, "hidden_size", None)
         self.num_heads = getattr(config, "num_attention_heads", None)
         self.nodes = [n for n in captured.graph.nodes if n.op == "call_function"]
+        # Note [Indexed module paths]
+        # A graph of a real model has tens of thousands of nodes and an attribution graph asks for every layer's
+        # projections once per stage: scanning every node's module stack per question cost 18 million calls on
+        # SmolLM2 (issue 19). The captured graph does not change once captured, so each node's paths and each
+        # path's nodes are indexed once, and what is found per layer is kept.
+        # Paths are module calls here (Note [Blocks are calls]); members are kept in execution order.
+        self._paths_of = {n: frozenset(_call_names(n)) for n in self.nodes}
+        self._members: dict[str, list[torch.fx.Node]] = {}
+        for node in self.nodes:
+            for path in _call_names(node):
+                self._members.setdefault(path, []).append(node)
+        self._found: dict[tuple[str, int], torch.fx.Node] = {}
         #: the block calls in execution order, one per layer (Note [Blocks are calls])
         self.blocks = self._find_blocks()
 
@@ -121,19 +133,23 @@ class Locations:
     def paths(self) -> list[str]:
         """Every module call in the graph, in execution order: its path, with ``@k`` for the k-th repeated
         call of a module called several times (Note [Blocks are calls])."""
-        return list(self._calls)
+        return list(self._members)
 
-    @functools.cached_property
-    def _calls(self) -> dict[str, list[torch.fx.Node]]:
-        inside: dict[str, list[torch.fx.Node]] = {}
-        for node in self.nodes:
-            for name in _call_names(node):
-                inside.setdefault(name, []).append(node)
-        return inside
+    def _in(self, path: str, node: torch.fx.Node) -> bool:
+        """Whether ``node`` belongs to module ``path``."""
+        paths = self._paths_of.get(node)
+        return path in (paths if paths is not None else _call_names(node))
+
+    def _per_layer(self, what: str, layer: int, find) -> torch.fx.Node:
+        """``find(layer)``, found once per layer."""
+        key = (what, self.layer(layer))
+        if key not in self._found:
+            self._found[key] = find(key[1])
+        return self._found[key]
 
     def _inside(self, path: str) -> list[torch.fx.Node]:
         """The nodes of one module call (``path`` is its first call, ``path@k`` a repeated one)."""
-        nodes = self._calls.get(path)
+        nodes = self._members.get(path, [])
         if not nodes:
             raise InvalidSeedError(f"no module {path!r} in the captured graph; DecomposedModel.locations() lists them")
         return nodes
@@ -154,7 +170,7 @@ class Locations:
         candidates: list[torch.fx.Node] = []
         for node in inside:
             for arg in node.all_input_nodes:
-                if arg in self._depends_on_ids and path not in _call_names(arg) and _is_float_tensor(arg) and arg not in candidates:
+                if arg in self._depends_on_ids and not self._in(path, arg) and _is_float_tensor(arg) and arg not in candidates:
                     candidates.append(arg)
         if self.hidden_size is not None:
             candidates = [c for c in candidates if c.meta["val"].shape[-1] == self.hidden_size] or candidates
@@ -165,7 +181,7 @@ class Locations:
     def module_output(self, path: str) -> torch.fx.Node:
         """The value module ``path`` returns: its last float tensor used outside it (or returned)."""
         inside = self._inside(path)
-        outputs = [n for n in inside if _is_float_tensor(n) and any(path not in _call_names(u) for u in n.users)]
+        outputs = [n for n in inside if _is_float_tensor(n) and any(not self._in(path, u) for u in n.users)]
         if not outputs:
             raise InvalidSeedError(f"could not find the output of {path}")
         return outputs[-1]
@@ -189,7 +205,10 @@ class Locations:
 
     def output_projection(self, layer: int) -> torch.fx.Node:
         """The attention output projection of block ``layer`` (a ``linear``/``addmm`` node)."""
-        inside = self._inside(self.blocks[self.layer(layer)])
+        return self._per_layer("output projection", layer, self._find_output_projection)
+
+    def _find_output_projection(self, layer: int) -> torch.fx.Node:
+        inside = self._inside(self.blocks[layer])
         cores = [i for i, n in enumerate(inside) if n.target in _ATTENTION_CORES]
         if not cores:
             raise InvalidSeedError(f"no attention found in {self.blocks[self.layer(layer)]}")
@@ -202,6 +221,9 @@ class Locations:
         """The dense MLP down projection of block ``layer``: its last linear map back to the hidden size
         other than the attention output projection (the last linear map at all when the config does not
         give the hidden size).  In a MoE block that is the shared expert's; routed experts are :meth:`experts`."""
+        return self._per_layer("down projection", layer, self._find_down_projection)
+
+    def _find_down_projection(self, layer: int) -> torch.fx.Node:
         maps = self._to_hidden(layer) or self._linear_maps(layer)
         try:
             maps = [n for n in maps if n is not self.output_projection(layer)]
@@ -225,12 +247,15 @@ class Locations:
         if experts is None:
             return None
         moe = _call_of(experts, module_path(experts).rpartition(".")[0])
-        inside = [n for n in self._to_hidden(layer) if moe in _call_names(n)]
+        inside = [n for n in self._to_hidden(layer) if self._in(moe, n)]
         return inside[-1] if inside else None
 
     def mlp_output(self, layer: int) -> torch.fx.Node:
         """What block ``layer``'s MLP adds to the residual stream: the dense down projection's output,
         or, in a MoE block, the output of the module holding the experts (routed and shared)."""
+        return self._per_layer("mlp output", layer, self._find_mlp_output)
+
+    def _find_mlp_output(self, layer: int) -> torch.fx.Node:
         experts = self.experts(layer)
         if experts is None:
             return self.down_projection(layer)

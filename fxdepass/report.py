@@ -1,11 +1,11 @@
 """Self-contained HTML reports of attribution graphs and attributions (no network: inline CSS, JS and SVG).
 
 :func:`report_html` shows the prompt's tokens coloured by their signed contribution to the target
-(tooltips with the values), a heatmap of tokens × layers (from the ``"layers"`` readout: each token's
-share of the residual stream after each layer at the target position, projected on the unit vector of
-the target's unembedding row; docs/graph-format.md), the strongest nodes, the stage budget and the
-graph drawn by Graphviz (``dot``) when it is installed.  :func:`attribution_html` is the compact
-fragment Jupyter shows for an :class:`~fxdepass.api.Attribution`.
+(tooltips with the values), a heatmap of tokens × layers (from the ``"layers"`` readout; docs/graph-format.md),
+the strongest nodes, the stage budget and the graph itself, laid out and drawn by :mod:`fxdepass.drawing`
+(inline SVG and script: no Graphviz needed).  Graphviz is an export: :func:`write_report` writes the DOT file
+beside the page, and the SVG that ``dot`` draws of it when ``dot`` is installed.  :func:`attribution_html` is
+the compact fragment Jupyter shows for an :class:`~fxdepass.api.Attribution`.
 
 >>> write_report(build_graph(decomposed, ids), "out/report.html")                       # doctest: +SKIP
 """
@@ -23,6 +23,7 @@ import networkx as nx
 import torch
 
 from .api import Attribution
+from .drawing import FIGURE_SCRIPT, FIGURE_STYLE, graph_figure
 from .export import signed_colour, to_pydot, write_dot
 
 __all__ = ["report_html", "write_report", "render_svg", "attribution_html"]
@@ -40,7 +41,6 @@ _STYLE = """
 .fxdepass .heat td{min-width:2.2em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em}
 .fxdepass .heat td.on,.fxdepass .heat th.on{outline:2px solid #222}
 .fxdepass .graph{overflow:auto;border:1px solid #e3e3e3;max-height:80vh}
-.fxdepass .missing{background:#fff6d6;border:1px solid #e8d48a;padding:.5em .8em;display:inline-block}
 """
 
 # Hovering a token marks its heatmap column and vice versa; the page is complete without it.
@@ -120,9 +120,10 @@ def _heatmap(graph: nx.DiGraph) -> str:
 
 
 def _heatmap_meaning(graph: nx.DiGraph) -> str:
-    if graph.graph.get("readout") == "logits":
-        return ("at the target position, projected on the unit vector of the target's unembedding row (no final norm: "
-                "a logit lens that keeps layers comparable)")
+    if graph.graph.get("layer_meaning") == "lens":
+        return ("read as the last layer's output is read: through the final norm with its real (frozen) scale and the "
+                "target's unembedding row (fxdepass.layer_lens). Every row is in logit units, and the last row is "
+                "exactly the tokens' contributions above")
     return "averaged over positions and projected on the direction of the target embedding"
 
 
@@ -132,21 +133,39 @@ def _node_table(graph: nx.DiGraph, count: int = 15) -> str:
     rows = "".join(
         f'<tr><td class="l">{_e(d["label"])}</td><td class="l">{_e(d["kind"])}</td><td>{d["contribution"]:+.5g}</td>'
         f'<td>{d["activation"]:.4g}</td></tr>' for d in nodes[:count])
+    value = graph.graph["value"]
+    if "rest" in graph.graph:                 # one pass: its components and rest add up to the target
+        others = sum(d["contribution"] for d in nodes[count:])
+        if len(nodes) > count:
+            rows += f'<tr><td class="l">{len(nodes) - count} more</td><td></td><td>{others:+.5g}</td><td></td></tr>'
+        rows += (f'<tr><td class="l">rest</td><td class="l">biases, …</td><td>{graph.graph["rest"]:+.5g}</td><td></td></tr>'
+                 f'<tr><th class="l">sum</th><th></th><th>{value:+.6g}</th><th></th></tr>')
+        note = (f"The {len(nodes)} components plus rest add up to the target's value, {value:+.6g}. ")
+    else:
+        note = ("Nodes of different stages are not meant to be added: each stage's nodes plus its rest add up to the target "
+                "(the table below). ")
+    note += ("Contribution: the node's exact DePass share of the target. Activation: the norm of the node's output at "
+             "its position (a token's: its embedding).")
     return ('<table><tr><th class="l">node</th><th class="l">kind</th><th>contribution</th><th>activation</th></tr>'
-            f"{rows}</table>")
+            f'{rows}</table><p class="note">{_e(note)}</p>')
 
 
 def _stage_table(graph: nx.DiGraph) -> str:
+    stages = graph.graph["stages"]
     rows = "".join(
         f'<tr><td class="l">{_e(s["stage"])}</td><td>{s["kept"]:+.5g}</td><td>{s["pruned"]:+.5g}</td><td>{s["rest"]:+.5g}</td>'
-        f'<td>{s["kept"] + s["pruned"] + s["rest"]:+.6g}</td></tr>' for s in graph.graph["stages"])
-    return ('<table><tr><th class="l">stage</th><th>kept nodes</th><th>pruned nodes</th><th>rest</th><th>sum</th></tr>'
-            f'{rows}</table><p class="note">Every stage splits the same target value: its kept nodes\' edges into the '
-            "target, what pruning removed, and rest (biases, and for a layer the residual stream entering it).</p>")
+        f'<td>{s["kept"] + s["pruned"] + s["rest"]:+.6g}</td></tr>' for s in stages)
+    largest = max(stages, key=lambda s: abs(s["pruned"]))
+    summary = (f"{len(stages)} stages, each adding up to {graph.graph['value']:+.6g}; the most pruned: "
+               f"{largest['stage']} ({largest['pruned']:+.4g})")
+    return (f'<details{" open" if len(stages) <= 8 else ""}><summary>{_e(summary)}</summary>'
+            '<table><tr><th class="l">stage</th><th>kept nodes</th><th>pruned nodes</th><th>rest</th><th>sum</th></tr>'
+            f'{rows}</table></details><p class="note">Every stage splits the same target value: its kept nodes\' edges into '
+            "the target, what pruning removed, and rest (biases, and for a layer the residual stream entering it).</p>")
 
 
 def render_svg(graph: nx.DiGraph, *, max_edges: int = 400, timeout: float = 60.0) -> tuple[str | None, str]:
-    """(the graph drawn by Graphviz as inline SVG, a note for the reader): no SVG when ``dot`` is missing or
+    """(the graph drawn by Graphviz as SVG text, a note for the reader): no SVG when ``dot`` is missing or
     fails; at most ``max_edges`` of the strongest edges are drawn.
 
     >>> svg, note = render_svg(graph)                                                   # doctest: +SKIP
@@ -169,35 +188,45 @@ def render_svg(graph: nx.DiGraph, *, max_edges: int = 400, timeout: float = 60.0
     return svg, note
 
 
-def _graph_section(svg: str | None, note: str, dot_name: str | None) -> str:
-    if svg is not None:
-        return f'<div class="graph">{svg}</div>' + (f'<p class="note">{note}</p>' if note else "")
-    where = f" The whole graph is in <code>{_e(dot_name)}</code>; render it with <code>dot -Tsvg</code>." if dot_name else ""
-    return f'<p class="missing">{note}{where}</p>'
+def _graph_section(graph: nx.DiGraph, exports: list[str]) -> str:
+    files = ", ".join(f"<code>{_e(name)}</code>" for name in exports)
+    where = f'<p class="note">Beside this page: {files} (Graphviz\'s drawing of the graph: <code>dot -Tsvg</code>).</p>' if files else ""
+    return graph_figure(graph) + where
+
+
+#: one line per metric of the summary, shown under it
+_METRICS = {
+    "explained fraction": "on average over the stages, the share of the target that the kept graph accounts for "
+                          "(1 − pruned / target per stage; above 1 when pruned nodes pull against the target)",
+    "influence kept": "the kept heads' and MLP blocks' share of Σ|contribution| over all of them",
+    "p": "the target token's softmax probability at the last position",
+}
 
 
 def _summary(graph: nx.DiGraph) -> str:
     info = graph.graph
     parts = [f"model {_e(info.get('model', ''))}", f"target {_e(info['target'])} = {info['value']:+.6g}"]
+    shown = []
     if info.get("readout") == "logits":
         parts.append(f"p = {info.get('probability', 0.0):.3f}")
+        shown.append("p")
     if "stages" in info:
         parts.append(f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges after pruning "
                      f"(node threshold {info['node_threshold']}, edge threshold {info['edge_threshold']})")
         parts.append(f"explained fraction {info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}")
-    return " · ".join(parts)
+        shown += ["explained fraction", "influence kept"]
+    lines = "".join(f"<li><b>{_e(name)}</b>: {_e(_METRICS[name])}</li>" for name in shown)
+    return f'<p class="meta">{" · ".join(parts)}</p>' + (f'<ul class="note">{lines}</ul>' if lines else "")
 
 
-def report_html(graph: nx.DiGraph, drawing: tuple[str | None, str], *, dot_name: str | None = None,
-                title: str = "fxdepass attribution") -> str:
+def report_html(graph: nx.DiGraph, *, exports: list[str] | None = None, title: str = "fxdepass attribution") -> str:
     """The full report page for a graph from :func:`fxdepass.graph.build_graph` or :func:`~fxdepass.graph.seed_graph`.
 
-    ``drawing`` is :func:`render_svg`'s (SVG or ``None``, note); without an SVG the page gives the note and
-    names ``dot_name``, the DOT file written beside it.
+    ``exports`` names the files written beside the page (the DOT file, Graphviz's SVG) for the reader.
 
-    >>> page = report_html(graph, render_svg(graph), dot_name="report.dot")             # doctest: +SKIP
+    >>> page = report_html(graph, exports=["report.dot"])                               # doctest: +SKIP
     """
-    sections = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{_summary(graph)}</p>',
+    sections = [f"<h1>{_e(title)}</h1>", _summary(graph),
                 f"<p class=\"meta\">prompt: <code>{_e(graph.graph.get('prompt', ''))}</code></p>",
                 f"<h2>Tokens, coloured by contribution to {_e(graph.graph['target'])}</h2>", _token_strip(graph)]
     if graph.graph.get("layer_scores"):
@@ -205,24 +234,28 @@ def report_html(graph: nx.DiGraph, drawing: tuple[str | None, str], *, dot_name:
     sections += ["<h2>Strongest nodes</h2>", _node_table(graph)]
     if "stages" in graph.graph:
         sections += ["<h2>Where the target's value goes, stage by stage</h2>", _stage_table(graph)]
-    sections += ["<h2>Attribution graph</h2>", _graph_section(*drawing, dot_name),
-                 '<p class="note">Tokens at the bottom, the target on top; edge width and colour show the signed weight '
-                 "(blue positive, red negative). Every number is an exact DePass component (docs/graph-format.md).</p>"]
+    sections += ["<h2>Attribution graph</h2>", _graph_section(graph, list(exports or [])),
+                 '<p class="note">Every number is an exact DePass component (docs/graph-format.md).</p>']
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}: {_e(graph.graph['target'])}</title><style>{_STYLE}</style></head>"
-            f'<body class="fxdepass">{"".join(sections)}<script>{_SCRIPT}</script></body></html>\n')
+            f"<title>{_e(title)}: {_e(graph.graph['target'])}</title><style>{_STYLE}{FIGURE_STYLE}</style></head>"
+            f'<body class="fxdepass">{"".join(sections)}<script>{_SCRIPT}</script><script>{FIGURE_SCRIPT}</script></body></html>\n')
 
 
 def write_report(graph: nx.DiGraph, path: str | Path, *, title: str = "fxdepass attribution") -> Path:
-    """Write the report to ``path`` and the graph's DOT file beside it (``path`` with suffix ``.dot``),
-    which is all there is of the drawing when Graphviz is missing.
+    """Write the report to ``path``, the graph's DOT file beside it (``path`` with suffix ``.dot``) and, when
+    Graphviz's ``dot`` is installed and finishes, its drawing (suffix ``.svg``).  The page needs neither.
 
     >>> write_report(graph, "out/report.html")                                          # doctest: +SKIP
     PosixPath('out/report.html')
     """
     path = Path(path)
-    dot_path = write_dot(graph, path.with_suffix(".dot"))
-    path.write_text(report_html(graph, render_svg(graph), dot_name=dot_path.name, title=title), encoding="utf-8")
+    exports = [write_dot(graph, path.with_suffix(".dot")).name]
+    svg, _ = render_svg(graph)
+    if svg is not None:
+        svg_path = path.with_suffix(".svg")
+        svg_path.write_text(svg, encoding="utf-8")
+        exports.append(svg_path.name)
+    path.write_text(report_html(graph, exports=exports, title=title), encoding="utf-8")
     return path
 
 

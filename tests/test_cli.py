@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,13 @@ def _check_file(path: Path, fmt: str, words: list[str]) -> None:
 @pytest.mark.parametrize("fmt", ["html", "dot", "graphml", "json"])
 def test_attribute_writes_each_format(model, fmt: str, tmp_path: Path, capsys) -> None:
     name, prompt = model
-    code, out, err = run(capsys, "attribute", name, "--prompt", prompt, "--out", str(tmp_path), "--format", fmt, "--quiet")
+    code, out, err = run(capsys, "attribute", name, "--prompt", prompt, "--out", str(tmp_path), "--format", fmt, "--quiet",
+                         "--slug", "capital")
     assert code == 0 and err == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"html": ["attribution.html", "attribution.dot"]}.get(
-        fmt, [f"attribution.{fmt}"]))
-    _check_file(tmp_path / f"attribution.{fmt}", fmt, prompt.split())
+    report = ["attribution.html", "attribution.dot"] + (["attribution.svg"] if shutil.which("dot") else [])
+    expected = {"html": report, "json": ["capital.json", "graph-metadata.json"]}.get(fmt, [f"attribution.{fmt}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    _check_file(tmp_path / ("capital.json" if fmt == "json" else f"attribution.{fmt}"), fmt, prompt.split())
     assert "rank  component" in out
     summed, real = map(float, re.search(r"components \+ rest (\S+)\s+real value (\S+)", out).groups())
     assert summed == pytest.approx(real, rel=1e-9, abs=1e-12)
@@ -63,16 +66,20 @@ def test_attribute_with_each_seed(model, seed: str, label: str, tmp_path: Path, 
     code, out, _ = run(capsys, "attribute", name, "--prompt", prompt, "--seed", seed, "--top", "200", "--quiet",
                        "--out", str(tmp_path), "--format", "json")
     assert code == 0 and label in out
-    assert validate(json.loads((tmp_path / "attribution.json").read_text()), CIRCUIT_SCHEMA) == []
+    (written,) = [p for p in tmp_path.glob("*.json") if p.name != "graph-metadata.json"]
+    assert validate(json.loads(written.read_text()), CIRCUIT_SCHEMA) == []
 
 
 def test_graph_writes_every_format_with_progress(model, tmp_path: Path, capsys) -> None:
     name, prompt = model
     code, out, err = run(capsys, "graph", name, "--prompt", prompt, "--out", str(tmp_path))
     assert code == 0
-    for fmt in ("html", "dot", "graphml", "json"):
+    for fmt in ("html", "dot", "graphml"):
         _check_file(tmp_path / f"graph.{fmt}", fmt, prompt.split())
+    (slug,) = [g["slug"] for g in json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]]
+    _check_file(tmp_path / f"{slug}.json", "json", prompt.split())
     assert "explained fraction" in out and "kept" in out
+    assert re.search(r"built in \d+\.\d s \(5 decomposed passes\)", out)          # tokens + 2 layers × (attention, MLP)
     bars = [line for line in err.splitlines() if "] " in line and "/" in line]
     assert bars[-1].startswith("fxdepass: [########") and "done" in bars[-1]
 

@@ -13,7 +13,7 @@ import pytest
 import fxdepass
 import tiny
 from fxdepass.export import CIRCUIT_SCHEMA, to_circuit_json, write_circuit_json, write_dot, write_graphml
-from fxdepass.graph import build_graph, resolve_target, seed_graph
+from fxdepass.graph import build_graph, resolve_target, seed_activations, seed_graph
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def neuron_graph() -> nx.DiGraph:
     seed = fxdepass.neurons(0, group_size=8)
     attribution = decomposed.attribute(tiny.IDS, positions="all", targets="all", seed=seed)
     target = resolve_target(decomposed, attribution.total[0], None)
-    return seed_graph(attribution, seed, target, layers=2, tokenizer=decomposed.tokenizer)
+    return seed_graph(attribution, seed, target, layers=2, tokenizer=decomposed.tokenizer,
+                      activations=seed_activations(decomposed, tiny.IDS, seed))
 
 
 _TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int, "boolean": bool}
@@ -108,7 +109,7 @@ def test_graphml_reads_back_with_networkx(which: str, request, tmp_path: Path) -
 @pytest.mark.parametrize("which", ["graph", "neuron_graph"])
 def test_circuit_json_validates_against_the_schema(which: str, request, tmp_path: Path) -> None:
     graph = request.getfixturevalue(which)
-    data = json.loads(write_circuit_json(graph, tmp_path / "g.json").read_text())
+    data = json.loads(write_circuit_json(graph, tmp_path, slug="g").read_text())
     assert validate(data, CIRCUIT_SCHEMA) == []
     assert data["metadata"]["slug"] == "g" and data["metadata"]["prompt_tokens"] == graph.graph["prompt_tokens"]
     ids = [node["node_id"] for node in data["nodes"]]
@@ -122,13 +123,48 @@ def test_circuit_json_validates_against_the_schema(which: str, request, tmp_path
 
 
 def test_circuit_json_node_ids_follow_circuit_tracer(graph) -> None:
+    """Issue 19: ids and types circuit-tracer's viewer understands (Note [circuit-tracer node types])."""
     data = to_circuit_json(graph)
-    by_type = {}
+    by_kind = {}
     for node in data["nodes"]:
-        by_type.setdefault(node["feature_type"], []).append(node)
-    assert {n["node_id"] for n in by_type["embedding"]} == {f"E_{t}_{p}" for p, t in enumerate(tiny.IDS[0].tolist())}
-    for node in by_type.get("attention head", []):
-        layer, head, position = node["node_id"].split("_")
-        assert (layer, int(head), int(position)) == (node["layer"], node["feature"], node["ctx_idx"])
-    for node in by_type.get("mlp block", []):
-        assert node["node_id"] == f"{node['layer']}_-1_{node['ctx_idx']}"
+        by_kind.setdefault(node["fxdepass_kind"], []).append(node)
+    assert {n["node_id"] for n in by_kind["token"]} == {f"E_{t}_{p}" for p, t in enumerate(tiny.IDS[0].tolist())}
+    assert {n["feature_type"] for n in by_kind["token"]} == {"embedding"}
+    assert {n["feature_type"] for n in data["nodes"] if n["fxdepass_kind"] in ("head", "mlp")} <= {"cross layer transcoder"}
+    assert not any("error" in n["feature_type"] for n in data["nodes"])        # the viewer would draw them as errors
+    for node in (n for n in data["nodes"] if n["fxdepass_kind"] != "token"):       # tokens: E_{token id}_{position}
+        layer, feature, position = node["node_id"].split("_")
+        assert node["feature"] >= 0 and (layer, int(feature), int(position)) == (node["layer"], node["feature"], node["ctx_idx"])
+    heads = graph.graph["heads"]
+    for node in by_kind.get("head", []):
+        assert 0 <= node["feature"] < heads
+    for node in by_kind.get("mlp", []):
+        assert node["node_id"] == f"{node['layer']}_{heads}_{node['ctx_idx']}"
+    # the viewer keys hover state on layer_feature_ctx: no two nodes share it
+    keys = [(n["layer"], n["feature"], n["ctx_idx"]) for n in data["nodes"]]
+    assert len(keys) == len(set(keys))
+
+
+def test_output_folder_opens_in_the_viewer(graph, neuron_graph, tmp_path: Path) -> None:
+    """circuit-tracer's viewer first reads graph-metadata.json ({"graphs": [metadata, …]}), then <slug>.json for each
+    entry: two graphs get two slugs and two entries, writing one again replaces its entry, and every entry names a file
+    whose metadata it is."""
+    first = write_circuit_json(graph, tmp_path)
+    second = write_circuit_json(neuron_graph, tmp_path, slug="neurons-0")
+    write_circuit_json(graph, tmp_path)                                           # again: same slug, same entry
+    listing = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert list(listing) == ["graphs"]
+    slugs = [entry["slug"] for entry in listing["graphs"]]
+    assert sorted(slugs) == sorted([first.stem, "neurons-0"]) and second.name == "neurons-0.json"
+    assert first.stem.startswith("w5-w17-w3-w42-w8-w23-w11-")
+    for entry in listing["graphs"]:
+        data = json.loads((tmp_path / f"{entry['slug']}.json").read_text())
+        assert validate(data, CIRCUIT_SCHEMA) == []
+        assert entry == {k: v for k, v in data["metadata"].items() if k != "fxdepass"}
+        for key in ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold"):
+            assert key in entry
+    other = graph.copy()
+    other.graph["target"] = "logit 'w9'"
+    assert write_circuit_json(other, tmp_path).stem != first.stem                  # another target, another slug
+    with pytest.raises(fxdepass.errors.InvalidInputError, match="slug"):
+        write_circuit_json(graph, tmp_path, slug="../elsewhere")

@@ -163,7 +163,7 @@ def test_seed_graph_of_heads_matches_scores(llama) -> None:
     seed = fxdepass.heads(-1)
     attribution = decomposed.attribute(IDS, positions="all", targets="all", seed=seed)
     target = fxdepass.graph.resolve_target(decomposed, attribution.total[0], None)
-    graph = seed_graph(attribution, seed, target, layers=2)
+    graph = seed_graph(attribution, seed, target, layers=2, activations=fxdepass.graph.seed_activations(decomposed, IDS, seed))
     scores = attribution.scores()
     heads = [d for _, d in graph.nodes(data=True) if d["kind"] == "head"]
     assert [d["index"] for d in heads] == list(range(4)) and {d["layer"] for d in heads} == {1}

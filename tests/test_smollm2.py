@@ -74,3 +74,30 @@ def test_the_default_read_out_equals_the_full_one(smollm2_float64, prompt_ids, s
     vocabulary = smollm2_float64.attribute(prompt_ids, seed=SEEDS[seed](width), targets="all")
     assert torch.allclose(vocabulary.components[:, 0, 0], full.components[:, 0, -1], rtol=0,
                           atol=1e-10 * full.components.abs().max())
+
+
+def test_string_and_contrastive_targets_on_the_real_model(smollm2_float64, smollm2, prompt_ids) -> None:
+    """targets=" Paris" and fxdepass.diff(" Paris", " London") equal the entries (and the difference of the
+    entries) of the whole vocabulary's components, and sum to the real value, in float64."""
+    tokenizer = smollm2[1]
+    paris, london = (tokenizer(text, add_special_tokens=False).input_ids[0] for text in (" Paris", " London"))
+    every = smollm2_float64.attribute(prompt_ids, targets="all").components[:, 0, 0]
+    string = smollm2_float64.attribute(prompt_ids, targets=" Paris")
+    contrast = smollm2_float64.attribute(prompt_ids, targets=fxdepass.diff(" Paris", " London"))
+    scale = every.abs().max()
+    assert torch.allclose(string.components[:, 0, 0, 0], every[:, paris], rtol=0, atol=1e-10 * scale)
+    assert torch.allclose(contrast.components[:, 0, 0, 0], every[:, paris] - every[:, london], rtol=0, atol=1e-10 * scale)
+    assert string.reconstruction_error() <= 1e-9 and contrast.reconstruction_error() <= 1e-9
+
+
+def test_log_probability_target_on_the_real_model(smollm2_float64, prompt_ids) -> None:
+    """targets=fxdepass.logprob(" Paris"): the total is the real log-probability, the components sum to it
+    (float64, 1e-9) and each source's share is its part of z_t − Σ_v p_v z_v (p frozen at the real run)."""
+    every = smollm2_float64.attribute(prompt_ids, targets="all")
+    paris = smollm2_float64.attribute(prompt_ids, targets=fxdepass.logprob(" Paris"))
+    p = every.total[0, 0].softmax(-1)
+    token = int(every.total[0, 0].argmax())                             # the model predicts " Paris"
+    assert abs(float(paris.total[0, 0, 0] - every.total[0, 0].log_softmax(-1)[token])) <= 1e-12 * abs(float(paris.total))
+    assert paris.reconstruction_error() <= 1e-9
+    shares = every.components[:-1, 0, 0, token] - every.components[:-1, 0, 0] @ p
+    assert torch.allclose(paris.components[:-1, 0, 0, 0], shares, rtol=0, atol=1e-9 * shares.abs().max())

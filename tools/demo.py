@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(exist_ok=True)
     report = fxdepass.report.write_report(graph, OUT / "demo.html", title=f"fxdepass: SmolLM2 on {args.prompt!r}")
     fxdepass.export.write_graphml(graph, OUT / "demo.graphml")
-    fxdepass.export.write_circuit_json(graph, OUT / "demo.json")
+    fxdepass.export.write_circuit_json(graph, OUT, slug="demo")
     print(f"attribution graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, explains "
-          f"{graph.graph['explained_fraction']:.0%} of the logit → {report.relative_to(ROOT)} (+ .graphml, .json)")
+          f"{graph.graph['explained_fraction']:.0%} of the logit → {report.relative_to(ROOT)} (+ .graphml, demo.json and graph-metadata.json for circuit-tracer's viewer)")
     print(f"timing     {clock.line()}")
 
 
