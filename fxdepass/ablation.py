@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .capture import capture, model_inputs
+from .capture import capture, model_device, model_inputs, probe_ids
 from .errors import InvalidSeedError
 from .locations import Locations, module_path
 
@@ -31,8 +31,7 @@ def locate(model: Any) -> tuple[torch.nn.Module, Locations]:
     if hasattr(model, "locations_of") and hasattr(model, "model"):  # a DecomposedModel
         return model.model, model.locations_of(next(iter(model._captures.values())))
     if model not in _LOCATIONS:
-        vocabulary = getattr(getattr(model, "config", None), "vocab_size", 2) or 2
-        ids = torch.randint(0, vocabulary, (2, 8), generator=torch.Generator().manual_seed(0))
+        ids = probe_ids(model, (2, 8))
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         example = {k: v for k, v in example.items() if k in model_inputs(model)}
         _LOCATIONS[model] = Locations(capture(model, example), model)
@@ -42,7 +41,7 @@ def locate(model: Any) -> tuple[torch.nn.Module, Locations]:
 def _zero_features(features: torch.Tensor) -> Any:
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]
-        return (x.index_fill(-1, features.to(x.device), 0.0), *args[1:])
+        return (x.index_fill(-1, features.to(x.device), 0.0), *args[1:])  # a no-op but under device_map
 
     return hook
 
@@ -61,6 +60,7 @@ def ablate(
     ...     logits = model(input_ids).logits
     """
     module_root, where = locate(model)
+    device = model_device(module_root)
     plans: list[tuple[torch.fx.Node, torch.Tensor]] = []
     for layer, chosen in (heads or {}).items():
         projection = where.output_projection(layer)
@@ -70,7 +70,8 @@ def ablate(
         for h in chosen:
             if not -count <= h < count:
                 raise InvalidSeedError(f"ablate(): head {h} is out of range (layer {layer} has {count} heads)")
-        plans.append((projection, torch.tensor([(h % count) * size + i for h in chosen for i in range(size)], dtype=torch.long)))
+        plans.append((projection, torch.tensor([(h % count) * size + i for h in chosen for i in range(size)],
+                                              dtype=torch.long, device=device)))
     for layer, chosen in (neurons or {}).items():
         if where.experts(layer) is not None:
             raise InvalidSeedError(f"ablate(): layer {layer} is a mixture of experts; neuron ablation "
@@ -80,7 +81,7 @@ def ablate(
         for i in chosen:
             if not -width <= i < width:
                 raise InvalidSeedError(f"ablate(): neuron {i} is out of range (layer {layer} has {width} neurons)")
-        plans.append((projection, torch.tensor([i % width for i in chosen], dtype=torch.long)))
+        plans.append((projection, torch.tensor([i % width for i in chosen], dtype=torch.long, device=device)))
     handles = [module_root.get_submodule(module_path(node)).register_forward_pre_hook(_zero_features(features))
                for node, features in plans]
     try:

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
-from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
+from .capture import CapturedModel, capture, cast_floats, model_device, model_inputs, position_limit, probe_ids, run_options
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
@@ -243,7 +243,7 @@ class DecomposedModel:
         self.policy = Policy(activation, float(temperature), attention)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
-        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        self.device = model_device(model)
         self.dtype = dtype or self.model_dtype
         self._explicit_dtype = dtype is not None
         self.input_names = model_inputs(model)
@@ -265,8 +265,7 @@ class DecomposedModel:
         if example_inputs is not None:
             ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs
             return self._validate_ids(ids)
-        generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, self.vocab_size or 2, (2, 8), generator=generator)
+        return probe_ids(self.model, (2, 8))
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> CapturedModel:
         batch, length = inputs["input_ids"].shape
@@ -364,19 +363,19 @@ class DecomposedModel:
     def _inputs(self, ids: torch.Tensor, attention_mask: Any = None) -> dict[str, torch.Tensor]:
         if attention_mask is None:
             mask = torch.ones_like(ids)
-        else:
+        else:  # a given mask is checked (reading its values: on the meta device only fxdepass's own mask works)
             mask = torch.as_tensor(attention_mask)
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise InvalidInputError("attention_mask must hold 0 (padding) and 1 (token) only")
             mask = mask.long()
-        if mask.ndim == 1:
-            mask = mask.unsqueeze(0)
-        if mask.shape != ids.shape:
-            raise InvalidInputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-        if mask.device != ids.device:
-            raise InvalidInputError(f"attention_mask is on {mask.device} but input_ids are on {ids.device}")
-        if bool((mask.sum(-1) == 0).any()):
-            raise InvalidInputError("every prompt needs at least one token the attention_mask keeps")
+            if mask.ndim == 1:
+                mask = mask.unsqueeze(0)
+            if mask.shape != ids.shape:
+                raise InvalidInputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+            if mask.device != ids.device:
+                raise InvalidInputError(f"attention_mask is on {mask.device} but input_ids are on {ids.device}")
+            if bool((mask.sum(-1) == 0).any()):
+                raise InvalidInputError("every prompt needs at least one token the attention_mask keeps")
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in self.input_names:
             # Left-padded prompts keep the positions they would have alone.
@@ -449,8 +448,9 @@ class DecomposedModel:
         what that needs is computed: the last block after its attention, the final norm and the head run at
         the read positions only (single prompts of position-wise models), and the head only for the target.
         Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are returned as
-        a dict of attributions.  ``memory_limit`` (bytes; default 80% of the available memory) bounds the
-        estimated peak of the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
+        a dict of attributions.  ``memory_limit`` (bytes; default 80% of what the model's device has available:
+        free GPU memory on CUDA, available RAM on the CPU, :func:`available_memory`) bounds the estimated peak
+        of the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
         Every result is checked: components summing to the real value within :data:`TOLERANCE` of the
         compute dtype, everything finite.  A failed sum warns (``strict=True``: raises
         :class:`ReconstructionError`) naming the first node where the sum diverges; NaN or inf raises
@@ -678,12 +678,16 @@ class DecomposedModel:
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
                       limit: int | None, components: int) -> int:
         """The estimated peak bytes of the pass; raises if they are above ``limit``."""
-        limit = _available_memory() * 8 // 10 if limit is None else int(limit)
+        if limit is None:
+            available = available_memory(self.device)
+            limit = None if available is None else available * 8 // 10
+        else:
+            limit = int(limit)
         need = self.estimate_memory(module, captured, ids, components, plan)
-        if need > limit:
+        if limit is not None and need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
             raise OutOfMemoryEstimateError(
-                f"the decomposed pass needs about {need / 2**30:.1f} GiB but the limit is {limit / 2**30:.1f} GiB: "
+                f"the decomposed pass needs about {need / 2**30:.1f} GiB but the limit on {self.device} is {limit / 2**30:.1f} GiB: "
                 f"about {fits} positions (token components) would fit; shorten the prompt, group tokens "
                 "(fxdepass.tokens(groups=...)), read fewer positions or a target instead of targets='all', or raise memory_limit"
             )
@@ -722,7 +726,7 @@ class DecomposedModel:
 
         RoBERTa-style models count from the padding index instead; for them fxdepass feeds no positions
         (left-padded prompts then get the model's own numbering)."""
-        ids = torch.randint(0, self.vocab_size or 2, (1, 6), generator=torch.Generator().manual_seed(2))
+        ids = probe_ids(self.model, (1, 6), offset=17)
         given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         given = {**{k: v for k, v in given.items() if k in self.input_names}, **run_options(self.model)}
         was_training = self.model.training
@@ -730,7 +734,7 @@ class DecomposedModel:
         try:
             with torch.no_grad():
                 own = self.model(**given)[0]
-                fed = self.model(**given, position_ids=torch.arange(6).unsqueeze(0))[0]
+                fed = self.model(**given, position_ids=torch.arange(6, device=ids.device).unsqueeze(0))[0]
         finally:
             self.model.train(was_training)
         return bool(torch.equal(own, fed))
@@ -738,7 +742,7 @@ class DecomposedModel:
     @functools.cached_property
     def causal(self) -> bool:
         """Whether the model is causal: changing the last token leaves every earlier output unchanged."""
-        ids = torch.randint(0, self.vocab_size or 2, (1, 8), generator=torch.Generator().manual_seed(1))
+        ids = probe_ids(self.model, (1, 8), offset=23)
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % (self.vocab_size or 2)
         was_training = self.model.training
@@ -938,13 +942,28 @@ def _numel(shape: list[sympy.Expr] | None) -> sympy.Expr:
     return sympy.Mul(*shape) if shape is not None else sympy.Integer(0)
 
 
-def _available_memory() -> int:
-    """Bytes of memory available now (``MemAvailable``), or 16 GiB where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * 2**30
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that tensors on ``device`` can still take: on a CUDA device, what the driver reports free plus what
+    torch's caching allocator holds unused (it hands that out first); on the CPU, ``MemAvailable`` (16 GiB where
+    that cannot be read); ``None`` where it cannot be known (``meta``, a backend without ``mem_get_info``), and
+    the memory guard then checks only an explicit ``memory_limit``.
+
+    >>> available_memory(torch.device("meta")) is None
+    True
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 16 * 2**30
+    if device.type == "cuda":  # also ROCm's devices
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    backend = getattr(torch, device.type, None)  # xpu and others with the same interface
+    info = getattr(backend, "mem_get_info", None)
+    return int(info(device)[0]) if callable(info) else None

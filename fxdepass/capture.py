@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch.utils._pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["CapturedModel", "capture", "model_inputs", "position_limit", "run_options", "cast_floats"]
+__all__ = ["CapturedModel", "capture", "model_inputs", "model_device", "probe_ids", "position_limit", "run_options",
+           "cast_floats"]
 
 #: Model inputs fxdepass passes when the model's ``forward`` accepts them.
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -86,6 +88,38 @@ def model_inputs(model: torch.nn.Module) -> tuple[str, ...]:
     """The inputs of :data:`INPUT_NAMES` that ``model.forward`` accepts."""
     parameters = inspect.signature(model.forward).parameters
     return tuple(name for name in INPUT_NAMES if name in parameters)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer): where every tensor fxdepass makes for it lives.
+
+    >>> model_device(torch.nn.Linear(2, 2))
+    device(type='cpu')
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+# Note [Probe ids]
+# ~~~~~~~~~~~~~~~~
+# fxdepass feeds the model token ids of its own to capture it and to probe how it behaves (causal or not,
+# how it numbers positions).  They are made on the model's device, so that a model elsewhere (a GPU, or
+# the ``meta`` device for shape-only work) is never handed a CPU tensor, and without a random generator,
+# whose numbers differ by device: a multiplicative hash (Knuth's, the multiplier a prime) spreads
+# consecutive integers over the vocabulary, distinct while there are fewer of them than tokens.
+
+
+def probe_ids(model: torch.nn.Module, shape: tuple[int, ...], offset: int = 1) -> torch.Tensor:
+    """Token ids of ``shape`` scattered over ``model``'s vocabulary, on its device (Note [Probe ids]);
+    another ``offset`` gives other ids.
+
+    >>> probe_ids(torch.nn.Linear(2, 2), (1, 4))   # no config: a vocabulary of 2
+    tensor([[1, 0, 1, 0]])
+    """
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    positions = torch.arange(offset, offset + math.prod(shape), device=model_device(model))
+    return (positions * 2654435761 % vocabulary).view(shape)
 
 
 def run_options(model: torch.nn.Module) -> dict[str, Any]:

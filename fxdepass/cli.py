@@ -26,6 +26,9 @@ __all__ = ["main"]
 
 FORMATS = ("html", "dot", "graphml", "json")
 SEED_KINDS = ("heads", "neurons", "modules")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: dtypes the weights are loaded in (the model then runs as it would in a reduced-precision set-up)
+REDUCED = ("bfloat16", "float16")
 BAR = 24
 
 
@@ -77,8 +80,11 @@ def _parser() -> _Parser:
 
     def common(sub: _Parser, prompt: bool = True, prompts_file: bool = False) -> None:
         sub.add_argument("model", metavar="MODEL", help="smollm2, demo, minilm, a local model directory, a .gguf file or a cached Hub id")
-        sub.add_argument("--dtype", choices=("float32", "float64"), default="float64",
-                         help="precision of the real and decomposed passes (default float64: exact to 1e-9)")
+        sub.add_argument("--dtype", choices=DTYPES, default="float64",
+                         help="precision of the real and decomposed passes (default float64: exact to 1e-9); "
+                         "bfloat16 and float16 load the weights in that precision and keep the model's own casts")
+        sub.add_argument("--device", default="cpu", help="where the model and the pass run: cpu, cuda, cuda:1, … "
+                         "(default cpu)")
         sub.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
         if not prompt:
             return
@@ -148,7 +154,7 @@ def _formats(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
 # -- loading ------------------------------------------------------------------------------------------------
 
 
-def load(name: str, dtype: str, progress: Progress) -> tuple[Any, Any]:
+def load(name: str, dtype: str, progress: Progress, device: str = "cpu") -> tuple[Any, Any]:
     """(compiled model, tokenizer) for ``MODEL`` (:func:`fxdepass.models.resolve`); offline, the model in eval mode.
     Calls of :func:`main` in one process share compiled models (compiling takes seconds, attributing milliseconds)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,17 +172,39 @@ def load(name: str, dtype: str, progress: Progress) -> tuple[Any, Any]:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if progress.quiet:
         transformers.utils.logging.disable_progress_bar()
-    key = (source.describe(), dtype)
+    where = _device(device)
+    key = (source.describe(), dtype, str(where))
     if key not in _COMPILED:
-        _COMPILED[key] = _compile(source, dtype, progress)
+        _COMPILED[key] = _compile(source, dtype, progress, where)
     return _COMPILED[key]
 
 
-#: compiled models by (model files, dtype), for repeated calls of :func:`main` in one process
-_COMPILED: dict[tuple[str, str], tuple[Any, Any]] = {}
+#: compiled models by (model files, dtype, device), for repeated calls of :func:`main` in one process
+_COMPILED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
-def _compile(source: Any, dtype: str, progress: Progress) -> tuple[Any, Any]:
+def _device(spec: str) -> Any:
+    """``--device`` as a ``torch.device`` present on this machine.
+
+    >>> _device("cpu")
+    device(type='cpu')
+    """
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec!r} is not a device name (cpu, cuda, cuda:1, …)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+        raise UsageError(f"--device {spec}: this machine has no {device.type} device that torch can use")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise UsageError(f"--device {spec}: this machine has {count()} {device.type} device(s)")
+    return device
+
+
+def _compile(source: Any, dtype: str, progress: Progress, device: Any) -> tuple[Any, Any]:
     """Load the model of ``source`` (:func:`fxdepass.models.load`) and compile it."""
     import torch
 
@@ -187,19 +215,22 @@ def _compile(source: Any, dtype: str, progress: Progress) -> tuple[Any, Any]:
     progress.step(f"loading {source.describe()}")
     started = time.perf_counter()
     try:
-        model, tokenizer = load_source(source)
+        reduced = getattr(torch, dtype) if dtype in REDUCED else None
+        model, tokenizer = load_source(source, dtype=reduced, device=device)
     except ModelNotFoundError as error:
         raise UsageError(str(error)) from None
     progress.step(f"loaded in {time.perf_counter() - started:.1f} s; compiling {type(model).__name__} "
-                  f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype})")
+                  f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, {device})")
     started = time.perf_counter()
-    decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=getattr(torch, dtype))
+    # Reduced precision: components in the model's own dtype, its casts to float32 (norms) kept as they are.
+    decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=None if dtype in REDUCED else getattr(torch, dtype))
     progress.step(f"compiled in {time.perf_counter() - started:.1f} s")
     return decomposed, tokenizer
 
 
-def _encode(tokenizer: Any, text: str) -> Any:
-    ids = tokenizer(text, return_tensors="pt").input_ids
+def _encode(decomposed: Any, text: str) -> Any:
+    """``text``'s token ids on the model's device."""
+    ids = decomposed.tokenizer(text, return_tensors="pt").input_ids.to(decomposed.device)
     if ids.shape[1] < 2:
         raise UsageError(f"--prompt {text!r} is {ids.shape[1]} token long; give at least two tokens")
     return ids
@@ -217,7 +248,7 @@ def _target(decomposed: Any, tokenizer: Any, args: argparse.Namespace, real: Any
         raise UsageError("--target is for causal models; an encoder's target is its embedding (or --compare TEXT)")
     other = None
     if args.compare is not None:
-        other = decomposed.attribute(_encode(tokenizer, args.compare), positions="all", targets="all", readout="hidden").total[0].mean(0)
+        other = decomposed.attribute(_encode(decomposed, args.compare), positions="all", targets="all", readout="hidden").total[0].mean(0)
     return resolve_target(decomposed, real, other)
 
 
@@ -285,8 +316,8 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
         raise UsageError("give --prompt TEXT or --prompts-file FILE")
     directory, formats = _formats(args)
     seed = parse_seed(args.seed)
-    decomposed, tokenizer = load(args.model, args.dtype, progress)
-    ids = _encode(tokenizer, args.prompt)
+    decomposed, tokenizer = load(args.model, args.dtype, progress, args.device)
+    ids = _encode(decomposed, args.prompt)
     readout = decomposed.default_readout
     progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})")
     names = [readout, "layers"] if isinstance(seed, Tokens) else [readout]
@@ -323,7 +354,7 @@ def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
     if args.target is not None:  # for the prompts that name no target of their own
         entries = [e if "target" in e else {**e, "target": args.target} for e in entries]
     seed = parse_seed(args.seed)
-    decomposed, _ = load(args.model, args.dtype, progress)
+    decomposed, _ = load(args.model, args.dtype, progress, args.device)
     if decomposed.default_readout != "logits":
         raise UsageError(f"--prompts-file attributes a causal model's logits; {args.model} has none")
     progress.step(f"attributing {len(entries)} prompts from {args.prompts_file}, {args.batch_size} at a time")
@@ -340,8 +371,8 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     for name in ("node_threshold", "edge_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")
-    decomposed, tokenizer = load(args.model, args.dtype, progress)
-    ids = _encode(tokenizer, args.prompt)
+    decomposed, tokenizer = load(args.model, args.dtype, progress, args.device)
+    ids = _encode(decomposed, args.prompt)
     real = decomposed.attribute(ids, positions="all", targets="all", readout=decomposed.default_readout).total[0]
     target = _target(decomposed, tokenizer, args, real)
     started = time.perf_counter()
@@ -365,7 +396,7 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _inspect(args: argparse.Namespace, progress: Progress) -> int:
-    decomposed, _ = load(args.model, args.dtype, progress)
+    decomposed, _ = load(args.model, args.dtype, progress, args.device)
     model = decomposed.model
     config = model.config
     print(f"model    {type(model).__name__}: {decomposed.layers} layers, {config.num_attention_heads} heads, "

@@ -168,9 +168,9 @@ def attribute_batches(decomposed: DecomposedModel, prompts: Sequence[Any], *, ba
             wanted = [i for i in batch if i not in skip]
             if not wanted:
                 continue
-            ids, mask = pad([rows[i] for i in batch], pad_id(decomposed.tokenizer), left=decomposed.causal)
+            ids, mask = pad([rows[i] for i in batch], pad_id(decomposed.tokenizer), left=decomposed.causal,
+                            device=decomposed.device)
             given = [targets[i] for i in batch] if per_prompt else targets
-            ids, mask = ids.to(decomposed.device), mask.to(decomposed.device)
             attribution = decomposed.attribute(ids, attention_mask=mask, targets=given, **attribute_kwargs)
             where = decomposed.locations_for(decomposed.prompt_inputs(ids, mask))
             if bar is not None:

@@ -120,7 +120,7 @@ def logit_target(logits: torch.Tensor, token: int | str | None, model: torch.nn.
     token = int(logits[-1].argmax()) if token is None else _token_id(token, tokenizer, vocabulary)
     weights = torch.zeros_like(logits)
     weights[-1, token] = 1.0
-    positions = torch.zeros(length, dtype=logits.dtype)
+    positions = torch.zeros(length, dtype=logits.dtype, device=logits.device)
     positions[-1] = 1.0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     direction = None
@@ -147,12 +147,12 @@ def embedding_target(hidden: torch.Tensor, other: torch.Tensor | None = None) ->
     if other is None:
         direction, scale, label = pooled / length, 1.0, "embedding length"
     else:
-        other = torch.as_tensor(other, dtype=hidden.dtype).reshape(-1)
+        other = torch.as_tensor(other, dtype=hidden.dtype, device=hidden.device).reshape(-1)
         direction = other / other.norm().clamp_min(torch.finfo(hidden.dtype).tiny)
         scale, label = 1.0 / length, "cosine similarity"
     count = hidden.shape[0]
     weights = (scale * direction / count).expand(count, -1).clone()
-    positions = torch.full((count,), 1.0 / count, dtype=hidden.dtype)
+    positions = torch.full((count,), 1.0 / count, dtype=hidden.dtype, device=hidden.device)
     return Target("hidden", weights, label, -1, label, 1.0, positions, direction)
 
 
@@ -260,7 +260,7 @@ def keep_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     ordered = scores.flatten().sort(descending=True).values
     cumulative = ordered.cumsum(0) / total
-    index = min(int(torch.searchsorted(cumulative, torch.tensor([fraction], dtype=cumulative.dtype))), len(ordered) - 1)
+    index = min(int(torch.searchsorted(cumulative, torch.tensor([fraction], dtype=cumulative.dtype, device=cumulative.device))), len(ordered) - 1)
     return (scores >= ordered[index]) & (scores > 0)
 
 
@@ -430,14 +430,14 @@ def _assemble(decomposed: DecomposedModel, ids: torch.Tensor, heads: int, stages
         start += len(nodes)
     count = start + 1
     contributions, target, value = passes.contributions, passes.target, passes.value
-    weights = torch.zeros(count, count, dtype=contributions[0].dtype)
-    influence = torch.zeros(count, dtype=weights.dtype)
+    weights = contributions[0].new_zeros(count, count)
+    influence = weights.new_zeros(count)
     for block, c in zip(blocks, contributions):
         influence[block] = c[:-1].abs()
         weights[block, -1] = c[:-1]
     for (k, t), share in passes.shares.items():
         weights[blocks[k], blocks[t]] = share[:-1] * contributions[t][:-1]
-    fixed = torch.zeros(count, dtype=torch.bool)
+    fixed = torch.zeros(count, dtype=torch.bool, device=weights.device)
     fixed[blocks[0]] = True
     fixed[-1] = True
     kept, edges = _prune(weights, influence, fixed, node_threshold, edge_threshold)
@@ -519,7 +519,7 @@ def seed_activations(decomposed: DecomposedModel, input_ids: Any, seed: Seed) ->
     for _, parts in _decompose(decomposed, ids, where, seed, [p.node for p in points]):
         squares = squares + parts[:-1].reshape(len(parts) - 1, length, -1).square().sum(-1)   # [M, N]
     positions = [_seed_component(seed, index, length - 1)[1] for index in range(len(squares))]
-    return squares[torch.arange(len(squares)), torch.tensor(positions)].sqrt()
+    return squares[torch.arange(len(squares), device=squares.device), torch.tensor(positions, device=squares.device)].sqrt()
 
 
 # -- the graph of one seed's attribution ------------------------------------------------------------------------

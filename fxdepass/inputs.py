@@ -48,9 +48,7 @@ def encode(inputs: Any, attention_mask: Any = None, *, tokenizer: Any = None, le
         if attention_mask is not None:
             raise InvalidInputError("attention_mask is made from the texts; give it only with token ids")
         rows = [tokenize(text, tokenizer) for text in inputs]
-        ids, mask = pad(rows, pad_id(tokenizer), left=left)
-        if device is not None:
-            ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad(rows, pad_id(tokenizer), left=left, device=device)
         return Encoded(ids, mask if bool((mask == 0).any()) else None, list(inputs))
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
@@ -62,8 +60,10 @@ def encode(inputs: Any, attention_mask: Any = None, *, tokenizer: Any = None, le
     return Encoded(inputs, attention_mask, None)
 
 
-def pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of token ids as one ``[batch, longest]`` tensor and its attention mask, padded on the left or right.
+def pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool,
+        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one ``[batch, longest]`` tensor and its attention mask, padded on the left or right,
+    made on ``device`` (the model's).
 
     >>> pad([[7], [8, 9]], 0, left=True)
     (tensor([[0, 7],
@@ -71,13 +71,12 @@ def pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torc
             [1, 1]]))
     """
     longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        where = slice(longest - len(row), longest) if left else slice(0, len(row))
-        ids[i, where] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[i, where] = 1
-    return ids, mask
+    padded, kept = [], []
+    for row in rows:
+        padding = longest - len(row)
+        padded.append([int(pad_id)] * padding + list(row) if left else list(row) + [int(pad_id)] * padding)
+        kept.append([0] * padding + [1] * len(row) if left else [1] * len(row) + [0] * padding)
+    return (torch.tensor(padded, dtype=torch.long, device=device), torch.tensor(kept, dtype=torch.long, device=device))
 
 
 def _is_texts(inputs: Any) -> bool:

@@ -56,7 +56,7 @@ class Target:
 
 def _one_hot(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     hot = torch.zeros_like(logits)
-    return hot.scatter_(-1, tokens.to(logits.device).view(-1, 1).expand(logits.shape[0], 1), 1.0)
+    return hot.scatter_(-1, tokens.view(-1, 1).expand(logits.shape[0], 1), 1.0)
 
 
 def _text(token: int, tokenizer: Any) -> str:
@@ -97,7 +97,7 @@ class Token(Target):
         return Token(token_id(self.token, tokenizer, vocabulary))
 
     def coefficients(self, logits: torch.Tensor) -> torch.Tensor:
-        return _one_hot(torch.tensor(self.token), logits)
+        return _one_hot(torch.tensor(self.token, device=logits.device), logits)
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, self.token]
