@@ -42,11 +42,12 @@ _MODELS: dict[tuple[str, str], tuple[torch.nn.Module, fxdepass.DecomposedModel]]
 
 
 def compiled(family: str, device: torch.device) -> tuple[torch.nn.Module, fxdepass.DecomposedModel]:
-    """A tiny float64 model of ``family`` on ``device`` and its compiled form, made once per test run."""
+    """A tiny model of ``family`` on ``device`` and its float64 compiled form, made once per test run (the model
+    stays float32: Mixtral's expert kernel takes no float64, the captured graph cast to it does)."""
     key = (family, str(device))
     if key not in _MODELS:
-        model = families.build(family, layers=2, seed=5).double().to(device)
-        _MODELS[key] = model, fxdepass.compile(model)
+        model = families.build(family, layers=2, seed=5).to(device)
+        _MODELS[key] = model, fxdepass.compile(model, dtype=torch.float64)
     return _MODELS[key]
 
 
@@ -82,8 +83,8 @@ def test_compile_puts_everything_on_the_model_device(device) -> None:
     ids = prompt(9, device)
     attribution = decomposed.attribute(ids, positions="all", targets="all")
     on(device, attribution)
-    with torch.no_grad():  # the real value read is the model's own logits (its norms round to float32; fxdepass's not)
-        assert relative_error(attribution.total, model(ids).logits) <= 1e-6
+    with torch.no_grad():  # the real value read is the float32 model's own logits, to float32's precision
+        assert relative_error(attribution.total, model(ids).logits.double()) <= 1e-5
 
 
 SEEDS = {
@@ -109,7 +110,7 @@ def test_every_seed_kind_on_the_device(device, kind: str) -> None:
     attribution = decomposed.attribute(ids, seed=SEEDS[kind](device), positions="all", targets="all")
     on(device, attribution)
     with torch.no_grad():
-        assert relative_error(attribution.total, model(ids).logits) <= 1e-6
+        assert relative_error(attribution.total, model(ids).logits.double()) <= 1e-5
 
 
 @pytest.mark.parametrize("seed", [fxdepass.tokens(), fxdepass.neurons(1), fxdepass.neurons(1, expert=2, group_size=8)],
@@ -204,7 +205,7 @@ def test_meta_model_gets_no_cpu_tensor(monkeypatch) -> None:
     for every kind of seed, and the memory guard estimates, without fxdepass making one CPU tensor.  The two
     probes that read values (positions, causality) cannot answer on meta: they are given their answers here and
     checked apart, by the device of what they feed the model."""
-    model = families.build("llama", layers=2, seed=5).double().to("meta")
+    model = families.build("llama", layers=2, seed=5).to("meta")
     monkeypatch.setattr(DecomposedModel, "_numbers_positions_from_zero", lambda self: True)
     monkeypatch.setattr(DecomposedModel, "causal", True)
     recorder = CpuTensors()
@@ -212,12 +213,14 @@ def test_meta_model_gets_no_cpu_tensor(monkeypatch) -> None:
         fxdepass.inputs.pad([[1]], 0, left=True)  # the recorder sees fxdepass's own CPU tensors
         assert len(recorder.made) == 2
         recorder.made.clear()
-        decomposed = fxdepass.compile(model)
+        decomposed = fxdepass.compile(model, dtype=torch.float64)
         captured = next(iter(decomposed._captures.values()))
         ids = torch.zeros(1, 40, dtype=torch.long, device="meta")
         inputs = decomposed._inputs(ids)
         arguments = [inputs[name] for name in captured.inputs]
-        for make in SEEDS.values():
+        for kind, make in SEEDS.items():
+            if kind == "custom":  # a user's split is checked against the value it splits: not shape-only
+                continue
             seed = make("meta")
             module = decomposed._module(captured, seed, ("logits",))[0]
             assert {t.device.type for t in held(module).values()} == {"meta"}

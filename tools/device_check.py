@@ -58,13 +58,13 @@ PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The 
 
 
 def random_model(config: dict[str, Any], family: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-init model of ``family`` ("llama" or "mixtral") made directly on ``device`` in ``dtype``."""
+    """A random-init model of ``family`` ("llama" or "mixtral") made directly on ``device``, then cast to ``dtype``."""
     torch.manual_seed(seed)
     make = transformers.MixtralConfig if family == "mixtral" else transformers.LlamaConfig
     extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(make(**config, **extra), dtype=dtype)
-    return model.eval()
+        model = transformers.AutoModelForCausalLM.from_config(make(**config, **extra))
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def synchronize(device: torch.device) -> None:
@@ -132,8 +132,9 @@ def exactness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     config = dict(TOY, vocab_size=61, max_position_embeddings=64)
     ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
     for family in ("llama", "mixtral"):
-        on_cpu = fxdepass.compile(random_model(config, family, torch.device("cpu"), torch.float64))
-        here = fxdepass.compile(random_model(config, family, device, torch.float64))
+        model = random_model(config, family, torch.device("cpu"), torch.float32)  # the pass cast to float64
+        on_cpu = fxdepass.compile(model, dtype=torch.float64)
+        here = on_cpu if device.type == "cpu" else fxdepass.compile(copy.deepcopy(model).to(device), dtype=torch.float64)
         for name, seed in (("tokens", fxdepass.tokens()), ("neurons", fxdepass.neurons(-1))):
             reference = on_cpu.attribute(ids, seed=seed, positions="all", targets="all")
             result = here.attribute(ids.to(device), seed=seed, positions="all", targets="all")
@@ -149,8 +150,8 @@ def exactness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
 def smollm2(device: torch.device, smoke: bool) -> tuple[torch.nn.Module, Any]:
     if smoke:
         return random_model(TOY, "llama", device, torch.float32, seed=1), None
-    model, tokenizer = fxdepass.load("smollm2")
-    return model.to(device).eval(), tokenizer
+    model, tokenizer = fxdepass.load("smollm2", device=device)
+    return model.requires_grad_(False), tokenizer
 
 
 def prompt_ids(tokenizer: Any, vocabulary: int, n: int, device: torch.device) -> torch.Tensor:
