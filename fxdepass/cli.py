@@ -165,6 +165,7 @@ def load(name: str, dtype: str, progress: Progress, device: str = "cpu") -> tupl
     from .errors import ModelNotFoundError
     from .models import resolve
 
+    where = _device(device)
     try:
         source = resolve(name)
     except ModelNotFoundError as error:
@@ -172,7 +173,6 @@ def load(name: str, dtype: str, progress: Progress, device: str = "cpu") -> tupl
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if progress.quiet:
         transformers.utils.logging.disable_progress_bar()
-    where = _device(device)
     key = (source.describe(), dtype, str(where))
     if key not in _COMPILED:
         _COMPILED[key] = _compile(source, dtype, progress, where)
