@@ -10,7 +10,8 @@ Rows, in order:
   logit at every position: the reconstruction error (bound 1e-9) and the largest difference of the
   components from the same pass on the CPU (bound 1e-9, relative).
 - *bfloat16*: SmolLM2 in bfloat16 against the same model in float32, the token scores of the predicted
-  token: max |Δ score| / max |score| (bound ``BF16_BOUND``, the one tests/test_device.py holds on the CPU).
+  token: max |Δ score| / max |score|, within ``BF16_FACTOR`` times the bf16 forward's own deviation (the bound
+  tests/test_device.py holds on the CPU).
 - *tokens N=512, N=1024*: SmolLM2 (float32), token seed, the predicted token's logit at the last position.
 - *llama-1b N=2048*: a random-init Llama of Llama-3.2-1B's shape (1.2 B parameters, bfloat16), the same.
 
@@ -45,8 +46,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 import fxdepass  # noqa: E402
 from bench import allocator_peak  # noqa: E402
 
-#: the bf16 score bound (tests/test_device.py, SMOLLM2_BF16, says why)
-BF16_BOUND = 0.1
+#: bf16 scores may differ from float32's by this many times the bf16 forward's own deviation (max |Δ logit| /
+#: max |logit| at the last position): the attribution computes from the same rounded weights and values as
+#: the forward, so it cannot be closer than that, and a score, a part of a logit, is smaller than the logit
+#: its error is measured against.  Measured on SmolLM2 (CPU): "… Germany is" → " Berlin": score error 2.3e-2,
+#: forward 1.6e-2 (1.4×); the README's key-value prompt → "\n": 0.12 against 0.023 (5.3×).
+BF16_FACTOR = 8
 EXACT_BOUND = 1e-9
 #: Llama-3.2-1B's shape: 16 layers of width 2048, 32 query and 8 key/value heads, a 128k vocabulary
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -168,11 +173,16 @@ def bf16(model: torch.nn.Module, exact: fxdepass.DecomposedModel, device: torch.
     with torch.no_grad():
         target = [int(model(ids).logits[0, -1].argmax())]
     reference = exact.attribute(ids, targets=target).scores().double()
-    low = fxdepass.compile(copy.deepcopy(model).to(torch.bfloat16), tokenizer=exact.tokenizer).attribute(ids, targets=target)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    low = fxdepass.compile(model16, tokenizer=exact.tokenizer).attribute(ids, targets=target)
     error = float((low.scores().double() - reference).abs().max() / reference.abs().max())
+    with torch.no_grad():
+        real, rounded = model(ids).logits[0, -1].double(), model16(ids).logits[0, -1].double()
+    deviation = float((rounded - real).abs().max() / real.abs().max())
     return row("bfloat16 vs float32 scores", "toy llama" if smoke else "SmolLM2-135M", torch.bfloat16, ids.shape[1],
-               f"score error {error:.1e}, sum error {low.reconstruction_error():.1e}", f"≤ {BF16_BOUND}",
-               error <= BF16_BOUND and low.reconstruction_error() <= fxdepass.api.TOLERANCE[torch.bfloat16])
+               f"score error {error:.1e} (forward {deviation:.1e}), sum error {low.reconstruction_error():.1e}",
+               f"score ≤ {BF16_FACTOR}× forward", error <= BF16_FACTOR * deviation
+               and low.reconstruction_error() <= fxdepass.api.TOLERANCE[torch.bfloat16])
 
 
 def compiled(model: torch.nn.Module, tokenizer: Any) -> tuple[fxdepass.DecomposedModel, float]:
