@@ -132,9 +132,7 @@ def build_module(
                 point = starts[node]
                 kwargs = dict(point.kwargs)
                 for key, value in point.kwargs.items():
-                    if not _literal(value):  # tensors (on the model's device) and functions become attributes
-                        if isinstance(value, torch.Tensor):
-                            value = value.to(node.meta["val"].device)
+                    if not _literal(value):  # tensors and functions become attributes of the module
                         attributes[f"seed_{key}"] = value
                         kwargs[key] = graph.create_node("get_attr", f"seed_{key}", name=f"seed_{key}")
                 missing = [n.name for n in point.inputs if n not in real]

@@ -418,7 +418,8 @@ class Subspace(Seed):
         for k, p in enumerate(self.projectors):
             if p.shape[0] != width:
                 raise InvalidSeedError(f"subspace(): projector {k} is {tuple(p.shape)} but the residual stream has width {width}")
-        return [SeedPoint(node, split_subspaces, {"projectors": torch.stack(self.projectors)})]
+        device = node.meta["val"].device  # the model's: the projectors may have been made anywhere
+        return [SeedPoint(node, split_subspaces, {"projectors": torch.stack([p.to(device) for p in self.projectors])})]
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         return list(self.names or [f"subspace {k}" for k in range(len(self.projectors))]) + ["rest"]

@@ -103,7 +103,7 @@ def test_inspect_lists_locations_and_rules(model, capsys) -> None:
     ["attribute", "/no/such/model", "--prompt", "x y"],
     ["graph", "{model}", "--prompt", "{prompt}", "--node-threshold", "2"],
     ["attribute", "{model}", "--prompt", "{prompt}", "--compare", "another sentence"],
-    ["graph", "{model}", "--prompt", "{prompt}", "--dtype", "float16"],
+    ["graph", "{model}", "--prompt", "{prompt}", "--dtype", "int8"],
 ])
 def test_bad_arguments_exit_2_with_one_line(model, argv: list[str], capsys) -> None:
     name, prompt = model
