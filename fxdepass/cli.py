@@ -168,13 +168,9 @@ def load(name: str, dtype: str, progress: Progress) -> tuple[Any, Any]:
     import torch
     import transformers
 
-    from .errors import ModelNotFoundError
     from .models import resolve
 
-    try:
-        source = resolve(name)
-    except ModelNotFoundError as error:
-        raise UsageError(str(error)) from None
+    source = resolve(name)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if progress.quiet:
         transformers.utils.logging.disable_progress_bar()
@@ -193,15 +189,11 @@ def _compile(source: Any, dtype: str, progress: Progress) -> tuple[Any, Any]:
     import torch
 
     import fxdepass
-    from .errors import ModelNotFoundError
     from .models import load_source
 
     progress.step(f"loading {source.describe()}")
     started = time.perf_counter()
-    try:
-        model, tokenizer = load_source(source)
-    except ModelNotFoundError as error:
-        raise UsageError(str(error)) from None
+    model, tokenizer = load_source(source)
     progress.step(f"loaded in {time.perf_counter() - started:.1f} s; compiling {type(model).__name__} "
                   f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype})")
     started = time.perf_counter()
