@@ -250,7 +250,7 @@ def _check_outputs(directory: Path, formats: list[str], stem: str, slug: str | N
     one without ``--force``, a link or a non-file at all (:mod:`fxdepass.files`).  The report writes ``stem.html``,
     ``stem.dot`` and ``stem.svg``; json writes ``<slug>.json`` (checked once the slug is known) and updates the
     listing ``graph-metadata.json`` in place."""
-    from .export import METADATA_FILE
+    from .export import METADATA_FILE, check_slug
     from .files import check_output
     from .report import report_paths
 
@@ -259,7 +259,7 @@ def _check_outputs(directory: Path, formats: list[str], stem: str, slug: str | N
             paths = report_paths(directory / f"{stem}.html")
         elif fmt == "json":
             check_output(directory / METADATA_FILE, overwrite=True)
-            paths = [directory / f"{slug}.json"] if slug else []
+            paths = [directory / f"{check_slug(slug)}.json"] if slug else []
         else:
             paths = [directory / f"{stem}.{fmt}"]
         for path in paths:

@@ -27,7 +27,7 @@ from .errors import InvalidInputError
 from .files import check_output, open_output, output_directory, write_text
 
 __all__ = ["to_pydot", "write_dot", "write_graphml", "read_graphml", "to_circuit_json", "write_circuit_json",
-           "default_slug", "CIRCUIT_SCHEMA", "signed_colour", "escape_text", "unescape_text"]
+           "default_slug", "check_slug", "CIRCUIT_SCHEMA", "signed_colour", "escape_text", "unescape_text"]
 
 #: JSON Schema of :func:`to_circuit_json`'s output (the fields circuit-tracer's front end reads)
 CIRCUIT_SCHEMA: dict[str, Any] = {
@@ -349,9 +349,7 @@ def write_circuit_json(graph: nx.DiGraph, directory: str | Path, *, slug: str | 
     PosixPath('out/capital.json')
     """
     data = to_circuit_json(graph, slug=slug)
-    slug = data["metadata"]["slug"]
-    if not re.fullmatch(r"[\w.-]+", slug) or slug.startswith("."):
-        raise InvalidInputError(f"slug {slug!r}: use letters, digits, '-', '_' and '.' (it names the file {slug}.json)")
+    slug = check_slug(data["metadata"]["slug"])
     directory = output_directory(directory)
     path, listing = check_output(directory / f"{slug}.json", overwrite=overwrite), directory / METADATA_FILE
     graphs = _listed_graphs(check_output(listing, overwrite=True))
@@ -360,6 +358,17 @@ def write_circuit_json(graph: nx.DiGraph, directory: str | Path, *, slug: str | 
     write_text(path, json.dumps(data, indent=1), overwrite=overwrite)
     write_text(listing, json.dumps({"graphs": graphs}, indent=1), overwrite=True)
     return path
+
+
+def check_slug(slug: str) -> str:
+    """``slug`` if it can name a file ``<slug>.json`` inside the output folder, else :class:`InvalidInputError`.
+
+    >>> check_slug("capital")
+    'capital'
+    """
+    if not re.fullmatch(r"[\w.-]+", slug) or slug.startswith("."):
+        raise InvalidInputError(f"slug {slug!r}: use letters, digits, '-', '_' and '.' (it names the file {slug}.json)")
+    return slug
 
 
 #: the listing of a folder's graphs that circuit-tracer's viewer reads first

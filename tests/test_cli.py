@@ -109,12 +109,15 @@ def test_inspect_lists_locations_and_rules(model, capsys) -> None:
     ["graph", "{model}", "--prompt", "{prompt}", "--node-threshold", "2"],
     ["attribute", "{model}", "--prompt", "{prompt}", "--compare", "another sentence"],
     ["graph", "{model}", "--prompt", "{prompt}", "--dtype", "float16"],
+    ["graph", "{model}", "--prompt", "{prompt}", "--format", "json", "--slug", "../elsewhere"],
 ])
-def test_bad_arguments_exit_2_with_one_line(model, argv: list[str], capsys) -> None:
+def test_bad_arguments_exit_2_with_one_line(model, argv: list[str], capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)                                   # where a default --out would go
     name, prompt = model
     code, out, err = run(capsys, *[a.format(model=name, prompt=prompt) for a in argv], "--quiet")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("fxdepass: error: ")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("extra, message", [(["--seed", "heads:9"], "InvalidSeedError: "),
