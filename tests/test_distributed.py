@@ -86,8 +86,28 @@ def test_two_gloo_processes_equal_one():
 
 
 def test_distributed_needs_an_initialised_process_group():
-    import families
+    from fxdepass import shards
 
-    decomposed = fxdepass.compile(families.build("llama"), dtype=torch.float64)
+    assert shards.shard_for(False, "rank0", causal=True, attention="frozen", compiled=False) is None
     with pytest.raises(InvalidInputError, match="torch.distributed initialised"):
-        decomposed.attribute(torch.tensor([[3, 4, 5]]), distributed=True)
+        shards.shard_for(True, "rank0", causal=True, attention="frozen", compiled=False)
+
+
+def test_command_line_under_torchrun(capsys):
+    """``torchrun … -m fxdepass.cli attribute`` prints, from its first process, what one process prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fxdepass.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    arguments = ["attribute", str(root / "models" / "kv-recall"), "--prompt", "alice has red . bob has blue . what does bob have ?",
+                 "--quiet"]
+    environment = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+                               "--master-port", str(_free_port()), "-m", "fxdepass.cli", *arguments],
+                              capture_output=True, text=True, env=environment, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert main(arguments) == 0
+    assert launched.stdout == capsys.readouterr().out
