@@ -5,6 +5,7 @@
     fxdepass attribute demo --prompts-file prompts.jsonl --out results.jsonl     (resumes when re-run)
     fxdepass graph demo --prompt TEXT --node-threshold 0.8 --out out
     fxdepass inspect demo
+    torchrun --nproc-per-node 2 -m fxdepass.cli attribute demo --prompt TEXT    (components over 2 processes)
 
 ``MODEL`` is a name — ``smollm2`` (SmolLM2-135M-Instruct), ``demo`` (the bundled key-value recall model,
 models/kv-recall) or ``minilm`` (all-MiniLM-L6-v2, an encoder: its mean-pooled sentence embedding is
@@ -306,6 +307,21 @@ def _header(graph: Any) -> None:
 # -- commands -----------------------------------------------------------------------------------------------
 
 
+def _join_torchrun(progress: Progress) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): join its process group and return True; the
+    first process reports, the others are quiet (docs/distributed.md)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # gloo for CPU tensors, and NCCL for CUDA ones where there is a GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        progress.quiet = True
+    return True
+
+
 def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     from .graph import layer_scores, seed_activations, seed_graph
     from .seeds import Tokens
@@ -316,12 +332,15 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
         raise UsageError("give --prompt TEXT or --prompts-file FILE")
     directory, formats = _formats(args, "attribution")
     seed = parse_seed(args.seed)
+    distributed = _join_torchrun(progress)
     decomposed, tokenizer = load(args.model, args.dtype, progress)
     ids = _encode(tokenizer, args.prompt)
     readout = decomposed.default_readout
-    progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})")
+    progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})" + (" across processes" if distributed else ""))
     names = [readout, "layers"] if isinstance(seed, Tokens) else [readout]
-    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
+    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names, distributed=distributed)
+    if results is None:  # a process other than the first: its share is with the first
+        return 0
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
     heatmap = layer_scores(decomposed, ids, target, results["layers"].components) if isinstance(seed, Tokens) else None
