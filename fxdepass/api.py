@@ -10,6 +10,7 @@ import sympy
 import torch
 import torch.fx
 
+from . import shards
 from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
 from .capture import CapturedModel, capture, cast_floats, model_device, model_inputs, position_limit, probe_ids, run_options
 from .diagnose import diagnose
@@ -438,7 +439,9 @@ class DecomposedModel:
         positions: Any = None,
         memory_limit: int | None = None,
         strict: bool = False,
-    ) -> Attribution | dict[str, Attribution]:
+        distributed: Any = False,
+        gather: str = "rank0",
+    ) -> Attribution | dict[str, Attribution] | None:
         """Decompose ``readout`` by ``seed`` (default: one component per input token).
 
         The logits readout explains one scalar per prompt and read position — ``targets``: the predicted token
@@ -455,6 +458,10 @@ class DecomposedModel:
         compute dtype, everything finite.  A failed sum warns (``strict=True``: raises
         :class:`ReconstructionError`) naming the first node where the sum diverges; NaN or inf raises
         :class:`InvalidInputError` naming the first node that produced it.
+        ``distributed=True`` (with ``torch.distributed`` initialised; or a process group) shards the components
+        across the processes, which must all make this call with the same inputs (docs/distributed.md); the
+        result is gathered to the first process (``gather="rank0"``; the others get ``None``) or to every one
+        (``gather="all"``).
 
         >>> attribution = fxdepass.compile(model, tokenizer=tokenizer).attribute(tokenizer("The capital of France is",
         ...     return_tensors="pt").input_ids, targets=" Paris")                    # doctest: +SKIP
@@ -496,8 +503,15 @@ class DecomposedModel:
         routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner below will
         target_rows = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1])) * head[0].shape[0]
         plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict, target_rows=target_rows)
-        estimate = self._check_memory(module, captured, ids, plan, memory_limit, len(labels) if labels else ids.shape[1] + 1)
-        with torch.no_grad():
+        count = len(labels) if labels else ids.shape[1] + 1
+        shard = shards.shard_for(distributed, gather, causal=blocked, attention=self.policy.attention,
+                                 compiled=self.torch_compile)
+        if shard is not None:
+            shards.check_same_inputs(ids, shard)
+            count = max(shard.rows(count - 1))  # the most any process holds
+        with shards.together(shard):
+            estimate = self._check_memory(module, captured, ids, plan, memory_limit, count)
+        with torch.no_grad(), shards.sharded(shard):
             if blocked or restrict or sliced:  # each needs a dynamic sequence length
                 runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
                                             last_position_only=restrict)
@@ -508,6 +522,10 @@ class DecomposedModel:
                 outputs = module.meta["compiled"](*arguments)
             else:
                 outputs = module(*arguments)
+        if shard is not None:
+            outputs = shards.gather(outputs, shard)
+            if outputs is None:
+                return None
         if labels is None:
             labels = [f"part {k}" for k in range(outputs[0][1].shape[0] - 1)] + ["rest"]
         values, start = {}, 0

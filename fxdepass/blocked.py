@@ -318,6 +318,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
         for segment in {id(s): s for s in self.segments.values()}.values():
             self._hold(segment, order)
         self.rest_here = True  # whether the components being run hold rest (Note [Component chunks])
+        self._token_split = any(n.target is split_groups and n.kwargs.get("groups") is None for n in module.graph.nodes)
         self._probabilities: dict[torch.fx.Node, torch.Tensor] | None = None
 
     def _hold(self, members: list[torch.fx.Node], order: dict[torch.fx.Node, int]) -> None:
@@ -334,7 +335,13 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if ids.shape[0] != 1:
             raise ValueError("causal blocks need a batch of one prompt")
         self.length = ids.shape[1]
-        self.starts = block_starts(self.length, self.blocks)
+        # the token components this process holds (Note [Sharded components] in fxdepass/registry.py)
+        axis = registry.component_axis()
+        first, self.end = axis.held(self.length) if self._token_split else (0, self.length)
+        self.holds_rest = axis.rest
+        #: each block's first component; with several blocks also its first position, else that is 0
+        self.firsts = [first + start for start in block_starts(self.end - first, self.blocks)]
+        self.starts = self.firsts if len(self.firsts) > 1 else [0]
         return super().run(*args, **kwargs)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -448,10 +455,10 @@ class BlockedInterpreter(torch.fx.Interpreter):
 
         return pick(node.args, args), {key: pick(node.kwargs[key], v) for key, v in kwargs.items()}
 
-    def _assemble(self, value: Blocks, real: torch.fx.Node) -> tuple[torch.Tensor, int]:
-        """The dense ``[M+1, …]`` components of a blocked value at positions ``≥ base`` (the smallest
+    def _assemble(self, value: Blocks, real: torch.fx.Node, base: int | None = None) -> tuple[torch.Tensor, int]:
+        """The dense ``[M+1, …]`` components of a blocked value at positions ``≥ base`` (default: the smallest
         block start; zeros before each block's start), and ``base``."""
-        base = min(value.starts)
+        base = min(value.starts) if base is None else base
         shape = list(value.parts[0].shape[1:])  # the real value's shape, restricted to positions ≥ base
         for axis in self.axes(real):
             shape[axis] = self.length - base
@@ -459,23 +466,26 @@ class BlockedInterpreter(torch.fx.Interpreter):
         count = sum(part.shape[0] for part in value.parts)  # one block holds any seed's components
         full = like.new_zeros(count, *like.shape)
         for k, part in enumerate(value.parts):
-            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else count - 1)
+            first, end = self._rows(k, count)
             index = [slice(first, end)] + [slice(None)] * like.ndim
             for axis in self.axes(real):
                 index[axis + 1] = slice(value.starts[k] - base, None)
-            if k == 0:
-                full[tuple(index)] = part[:-1]
+            full[tuple(index)] = part[:end - first]
+            if k == 0 and self.holds_rest:
                 full[-1] = part[-1]
-            else:
-                full[tuple(index)] = part
         return full, base
+
+    def _rows(self, k: int, count: int) -> tuple[int, int]:
+        """The rows of block ``k``'s sources among ``count`` dense components (this process's, rest last if held)."""
+        end = self.firsts[k + 1] if k + 1 < len(self.firsts) else self.firsts[0] + count - self.holds_rest
+        return self.firsts[k] - self.firsts[0], end - self.firsts[0]
 
     def _split(self, real: torch.fx.Node, full: torch.Tensor, base: int, starts: list[int]) -> Blocks:
         """Blocks of dense components given at positions ``≥ base``."""
         parts = []
         for k, start in enumerate(starts):
-            first, end = self.starts[k], (self.starts[k + 1] if k + 1 < len(self.starts) else full.shape[0] - 1)
-            part = full[first:end] if k else torch.cat((full[first:end], full[-1:]))
+            first, end = self._rows(k, full.shape[0])
+            part = torch.cat((full[first:end], full[-1:])) if k == 0 and self.holds_rest else full[first:end]
             parts.append(self._narrow_tensor(real, part, start - base, offset=1) if start > base else part)
         return Blocks(parts, list(starts))
 
@@ -701,13 +711,16 @@ class BlockedInterpreter(torch.fx.Interpreter):
 
     def _split_tokens(self, value: torch.Tensor, axis: int, starts: list[int]) -> Blocks:
         """One component per position, straight into blocks: block ``k``'s component ``j`` is ``value`` at
-        position ``starts[k] + j``, on the diagonal of (component, position); block 0 ends with an empty rest."""
+        position ``firsts[k] + j``, on the diagonal of (component, position); block 0 ends with an empty rest
+        where this process holds rest."""
         parts = []
         for k, start in enumerate(starts):
-            count = (self.starts[k + 1] if k + 1 < len(self.starts) else self.length) - self.starts[k]
+            first = self.firsts[k]
+            count = (self.firsts[k + 1] if k + 1 < len(self.firsts) else self.end) - first
             held = value.narrow(axis, start, value.shape[axis] - start)
-            part = held.new_zeros(count + (k == 0), *held.shape)
-            torch.diagonal(part[:count], dim1=0, dim2=axis + 1).copy_(held.narrow(axis, 0, count).movedim(axis, -1))
+            part = held.new_zeros(count + (k == 0 and self.holds_rest), *held.shape)
+            torch.diagonal(part[:count], offset=first - start, dim1=0, dim2=axis + 1).copy_(
+                held.narrow(axis, first - start, count).movedim(axis, -1))
             parts.append(part)
         return Blocks(parts, list(starts))
 
@@ -743,20 +756,22 @@ class BlockedInterpreter(torch.fx.Interpreter):
         for k, part in enumerate(value.parts):
             logit = torch.addcdiv(part, part, part, value=0, out=part if in_place else None).nan_to_num_(nan=float("-inf"))
             if sink is not None and kwargs.get("position_axis") is not None:
-                count = part.shape[0] - (k == 0)  # block 0's rest is never the sink
-                _exclude_sink(logit, int(sink[0, 0]) - self.starts[k], int(sink[1, 0]) - value.starts[k], count,
+                count = part.shape[0] - (k == 0 and self.holds_rest)  # block 0's rest is never the sink
+                _exclude_sink(logit, int(sink[0, 0]) - self.firsts[k], int(sink[1, 0]) - value.starts[k], count,
                               kwargs["position_axis"])
             torch.maximum(stat(k, top), logit.amax(0), out=stat(k, top))
             logits.append(logit)
-        nothing = stat(0, top) == float("-inf")  # no component present: rest takes everything
-        logits[0][-1].masked_fill_(nothing, 0.0)
-        stat(0, top).masked_fill_(nothing, 0.0)
+        top = registry.across_components(top, "max")
+        nothing = top == float("-inf")  # no component present: rest takes everything
+        if self.holds_rest:
+            logits[0][-1].masked_fill_(stat(0, nothing), 0.0)
+        top.masked_fill_(nothing, 0.0)
         lowered = top.mul_(-scale)
         total = torch.zeros_like(top)
         for k, logit in enumerate(logits):
             torch.add(stat(k, lowered), logit, alpha=scale, out=logit).exp_()
             stat(k, total).add_(logit.sum(0))
-        ratio = activation / total
+        ratio = activation / registry.across_components(total, "sum")
         starts = self._starts_for(node)
         parts = []
         for k, share in enumerate(logits):
@@ -812,8 +827,9 @@ class BlockedInterpreter(torch.fx.Interpreter):
         results = []
         for real, components in self.node.args[0]:
             value = self.env[components]
-            if isinstance(value, Blocks):
-                dense, base = self._assemble(value, components.meta["fxdepass_real"])
+            if isinstance(value, Blocks):  # at every position but after the last-position tail
+                base = min(value.starts) if components in self.tail else 0
+                dense, base = self._assemble(value, components.meta["fxdepass_real"], base)
                 results.append((self._narrow(real, self.env[real], base), dense))
             else:
                 results.append((self.env[real], value))

@@ -5,12 +5,16 @@
     fxdepass attribute demo --prompts-file prompts.jsonl --out results.jsonl     (resumes when re-run)
     fxdepass graph demo --prompt TEXT --node-threshold 0.8 --out out
     fxdepass inspect demo
+    torchrun --nproc-per-node 2 -m fxdepass.cli attribute demo --prompt TEXT    (components over 2 processes)
 
 ``MODEL`` is a name — ``smollm2`` (SmolLM2-135M-Instruct), ``demo`` (the bundled key-value recall model,
 models/kv-recall) or ``minilm`` (all-MiniLM-L6-v2, an encoder: its mean-pooled sentence embedding is
 attributed) — or a local Hugging Face directory, a ``.gguf`` file (or a directory holding one), or a Hub id
-present in the local Hugging Face cache (see :mod:`fxdepass.models`; nothing is downloaded).
-Exit codes: 0 success, 1 an fxdepass error (its message says what to do), 2 bad arguments.
+present in the local Hugging Face cache (see :mod:`fxdepass.models`; nothing is downloaded, and no code that
+came with a model runs).  Outputs never replace existing files without ``--force`` and are never written through
+a symbolic link (:mod:`fxdepass.files`).  Exit codes (Note [Exit codes]): 0 success; 2 refused, with a one-line
+message saying why (bad arguments, a model that cannot be loaded safely, an output in the way, any fxdepass
+error); 1 an internal error (a bug; ``--debug`` shows the traceback); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import collections
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -86,6 +91,7 @@ def _parser() -> _Parser:
         sub.add_argument("--device", default="cpu", help="where the model and the pass run: cpu, cuda, cuda:1, … "
                          "(default cpu)")
         sub.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+        sub.add_argument("--debug", action="store_true", help="on failure, print the Python traceback too")
         if not prompt:
             return
         sub.add_argument("--prompt", required=not prompts_file, help="the text to attribute")
@@ -98,6 +104,8 @@ def _parser() -> _Parser:
         sub.add_argument("--target", help="target token (default: the predicted next token); encoders: none")
         sub.add_argument("--compare", metavar="TEXT", help="encoders: attribute the cosine similarity to TEXT's embedding")
         sub.add_argument("--out", metavar="DIR", help="write the results here (default ./fxdepass-out when --format is given)")
+        sub.add_argument("--force", action="store_true", help="replace output files that exist (without it they are "
+                         "refused); a symbolic link in the way is refused either way")
         sub.add_argument("--format", help=f"comma-separated output formats among {','.join(FORMATS)} (default: all, with --out)")
         sub.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
         sub.add_argument("--slug", help="the json format's name: DIR/SLUG.json, listed in DIR/graph-metadata.json for "
@@ -140,15 +148,20 @@ def parse_seed(spec: str) -> Any:
     return getattr(fxdepass, kind)(int(layer))
 
 
-def _formats(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
-    """(output directory, formats); no directory when neither --out nor --format is given."""
+def _formats(args: argparse.Namespace, stem: str) -> tuple[Path | None, list[str]]:
+    """(output directory, formats); no directory when neither --out nor --format is given.  The outputs are
+    checked here, before the model loads (a refusal then costs nothing), and again before they are written."""
+    from .files import output_directory
+
     if args.format is None and args.out is None:
         return None, []
     formats = list(FORMATS) if args.format is None else [f.strip() for f in args.format.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UsageError(f"--format {args.format!r}: choose among {','.join(FORMATS)}")
-    return Path(args.out or "fxdepass-out"), formats
+    directory = output_directory(Path(args.out or "fxdepass-out"), create=False)
+    _check_outputs(directory, formats, stem, args.slug, args.force)
+    return directory, formats
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -162,14 +175,10 @@ def load(name: str, dtype: str, progress: Progress, device: str = "cpu") -> tupl
     import torch
     import transformers
 
-    from .errors import ModelNotFoundError
     from .models import resolve
 
     where = _device(device)
-    try:
-        source = resolve(name)
-    except ModelNotFoundError as error:
-        raise UsageError(str(error)) from None
+    source = resolve(name)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if progress.quiet:
         transformers.utils.logging.disable_progress_bar()
@@ -209,16 +218,12 @@ def _compile(source: Any, dtype: str, progress: Progress, device: Any) -> tuple[
     import torch
 
     import fxdepass
-    from .errors import ModelNotFoundError
     from .models import load_source
 
     progress.step(f"loading {source.describe()}")
     started = time.perf_counter()
-    try:
-        reduced = getattr(torch, dtype) if dtype in REDUCED else None
-        model, tokenizer = load_source(source, dtype=reduced, device=device)
-    except ModelNotFoundError as error:
-        raise UsageError(str(error)) from None
+    reduced = getattr(torch, dtype) if dtype in REDUCED else None
+    model, tokenizer = load_source(source, dtype=reduced, device=device)
     progress.step(f"loaded in {time.perf_counter() - started:.1f} s; compiling {type(model).__name__} "
                   f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, {device})")
     started = time.perf_counter()
@@ -272,26 +277,53 @@ def _print_table(graph: Any, top: int, partition: bool) -> None:
         print(f"  {'…':>4}  {f'{len(nodes) - top} more':<28} {folded}".rstrip())
 
 
-def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress, slug: str | None) -> None:
+def _check_outputs(directory: Path, formats: list[str], stem: str, slug: str | None, force: bool) -> None:
+    """Refuse (:class:`~fxdepass.errors.OutputError`) when a file the formats write is in the way: an existing
+    one without ``--force``, a link or a non-file at all (:mod:`fxdepass.files`).  The report writes ``stem.html``,
+    ``stem.dot`` and ``stem.svg``; json writes ``<slug>.json`` (checked once the slug is known) and updates the
+    listing ``graph-metadata.json`` in place."""
+    from .export import METADATA_FILE, check_slug
+    from .files import check_output
+    from .report import report_paths
+
+    for fmt in formats:
+        if fmt == "html":
+            paths = report_paths(directory / f"{stem}.html")
+        elif fmt == "json":
+            check_output(directory / METADATA_FILE, overwrite=True)
+            paths = [directory / f"{check_slug(slug)}.json"] if slug else []
+        else:
+            paths = [directory / f"{stem}.{fmt}"]
+        for path in paths:
+            check_output(path, overwrite=force)
+
+
+def _write(graph: Any, directory: Path, formats: list[str], stem: str, progress: Progress, slug: str | None,
+           force: bool) -> None:
     """Write ``graph`` as ``directory/stem.{format}`` for each format (the report also writes ``stem.dot``, and
-    ``stem.svg`` when Graphviz is installed); json as ``directory/<slug>.json`` listed in ``graph-metadata.json``."""
-    from .export import write_circuit_json, write_dot, write_graphml
+    ``stem.svg`` when Graphviz is installed); json as ``directory/<slug>.json`` listed in ``graph-metadata.json``.
+    Every file is checked before the first is written, so a refusal leaves the folder as it was."""
+    from .export import METADATA_FILE, default_slug, write_circuit_json, write_dot, write_graphml
+    from .files import output_directory
     from .report import write_report
 
-    directory.mkdir(parents=True, exist_ok=True)
+    slug = slug or default_slug(graph)
+    _check_outputs(directory, formats, stem, slug, force)
+    output_directory(directory)
     written = []
     for fmt in formats:
         path = directory / f"{stem}.{fmt}"
         if fmt == "html":
-            written.append(write_report(graph, path))
+            written.append(write_report(graph, path, overwrite=force))
             written += [p for p in (path.with_suffix(".dot"), path.with_suffix(".svg")) if p.exists()]
         elif fmt == "dot":
-            written.append(write_dot(graph, path))
+            if "html" not in formats:                     # else the report writes this file
+                written.append(write_dot(graph, path, overwrite=force))
         elif fmt == "graphml":
-            written.append(write_graphml(graph, path))
+            written.append(write_graphml(graph, path, overwrite=force))
         else:
-            written.append(write_circuit_json(graph, directory, slug=slug))
-            written.append(directory / "graph-metadata.json")
+            written.append(write_circuit_json(graph, directory, slug=slug, overwrite=force))
+            written.append(directory / METADATA_FILE)
     for path in dict.fromkeys(written):
         progress.step(f"wrote {path}")
 
@@ -306,6 +338,21 @@ def _header(graph: Any) -> None:
 # -- commands -----------------------------------------------------------------------------------------------
 
 
+def _join_torchrun(progress: Progress) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): join its process group and return True; the
+    first process reports, the others are quiet (docs/distributed.md)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # gloo for CPU tensors, and NCCL for CUDA ones where there is a GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        progress.quiet = True
+    return True
+
+
 def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     from .graph import layer_scores, seed_activations, seed_graph
     from .seeds import Tokens
@@ -314,14 +361,17 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
         return _attribute_prompts(args, progress)
     if args.prompt is None:
         raise UsageError("give --prompt TEXT or --prompts-file FILE")
-    directory, formats = _formats(args)
+    directory, formats = _formats(args, "attribution")
     seed = parse_seed(args.seed)
+    distributed = _join_torchrun(progress)
     decomposed, tokenizer = load(args.model, args.dtype, progress, args.device)
     ids = _encode(decomposed, args.prompt)
     readout = decomposed.default_readout
-    progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})")
+    progress.step(f"attributing {ids.shape[1]} tokens ({args.seed})" + (" across processes" if distributed else ""))
     names = [readout, "layers"] if isinstance(seed, Tokens) else [readout]
-    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names)
+    results = decomposed.attribute(ids, positions="all", targets="all", seed=seed, readout=names, distributed=distributed)
+    if results is None:  # a process other than the first: its share is with the first
+        return 0
     attribution = results[readout]
     target = _target(decomposed, tokenizer, args, attribution.total[0])
     heatmap = layer_scores(decomposed, ids, target, results["layers"].components) if isinstance(seed, Tokens) else None
@@ -335,21 +385,26 @@ def _attribute(args: argparse.Namespace, progress: Progress) -> int:
     print(f"components + rest {graph.graph['value']:+.6f}   real value {real:+.6f}   "
           f"reconstruction error {attribution.reconstruction_error():.1e}")
     if directory is not None:
-        _write(graph, directory, formats, "attribution", progress, args.slug)
+        _write(graph, directory, formats, "attribution", progress, args.slug, args.force)
     return 0
 
 
 def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
     """``attribute --prompts-file``: one JSON line per prompt appended to ``--out`` (fxdepass/dataset.py)."""
     from .dataset import read_prompts, write_results
+    from .files import check_output, output_directory
 
     if args.prompt is not None or args.compare is not None or args.format is not None:
         given = "--prompt" if args.prompt is not None else "--compare" if args.compare is not None else "--format"
         raise UsageError(f"--prompts-file writes JSON lines to --out; leave out {given}")
     if args.out is None:
         raise UsageError("--prompts-file needs --out FILE.jsonl (results are appended there)")
+    if args.force:
+        raise UsageError("--prompts-file appends to --out and a re-run resumes it, so there is nothing to --force; "
+                         "remove the file to start over")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    output_directory(check_output(args.out, append=True).parent, create=False)
     entries = read_prompts(args.prompts_file)
     if args.target is not None:  # for the prompts that name no target of their own
         entries = [e if "target" in e else {**e, "target": args.target} for e in entries]
@@ -367,7 +422,7 @@ def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
 def _graph(args: argparse.Namespace, progress: Progress) -> int:
     from .graph import build_graph
 
-    directory, formats = _formats(args)
+    directory, formats = _formats(args, "graph")
     for name in ("node_threshold", "edge_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")
@@ -391,7 +446,7 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     print("nodes by contribution (each stage on its own adds up to the target):")
     _print_table(graph, args.top, partition=False)
     if directory is not None:
-        _write(graph, directory, formats, "graph", progress, args.slug)
+        _write(graph, directory, formats, "graph", progress, args.slug, args.force)
     return 0
 
 
@@ -420,26 +475,58 @@ def _inspect(args: argparse.Namespace, progress: Progress) -> int:
 
 COMMANDS = {"attribute": _attribute, "graph": _graph, "inspect": _inspect}
 
+# Note [Exit codes]
+# How a command ends is decided in one place, _failure, for whatever exception ended it:
+#   0    success, and --help / --version.
+#   2    refused: bad arguments (UsageError: argparse's and our own checks), and every FxDePassError, which
+#        fxdepass raises on purpose about what it was given (a model it cannot load, or only by running code
+#        that came with it; an output file that exists or is a link, OutputError; a seed, target or prompt that
+#        does not fit the model).  The message is one line saying what and where, and no traceback: the
+#        traceback is ours, not the user's to read.
+#   1    an internal error: any other exception is a bug in fxdepass or below it.  One line says so, with the
+#        exception; --debug prints its traceback.
+#   130  interrupted (Ctrl-C), as a shell reports SIGINT.
+# --debug prints the traceback of any failure before its line; the exit status stays the same.
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    """(exit status, message) for the exception that ended a command (Note [Exit codes])."""
+    from .errors import FxDePassError
+
+    if isinstance(error, UsageError):
+        return 2, f"error: {error}"
+    if isinstance(error, FxDePassError):
+        return 2, f"error: {type(error).__name__}: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted"
+    return 1, (f"internal error: {type(error).__name__}: {error} (a bug in fxdepass: re-run with --debug for the "
+               "traceback, and please report it)")
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line (a message may quote a prompt or a file's error that holds line breaks)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code.
+    """Run the command line; returns the exit code (Note [Exit codes]).
 
     >>> main(["inspect", "demo", "--quiet"])                                          # doctest: +SKIP
     0
     """
-    from .errors import FxDePassError
-
+    debug = False
     try:
         args = _parser().parse_args(argv)
+        debug = args.debug
         return COMMANDS[args.command](args, Progress(args.quiet))
-    except UsageError as error:
-        print(f"fxdepass: error: {error}", file=sys.stderr)
-        return 2
     except SystemExit as exit:  # --help and --version
         return int(exit.code or 0)
-    except FxDePassError as error:
-        print(f"fxdepass: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as error:
+        code, message = _failure(error)
+        if debug:
+            traceback.print_exc()
+        print(f"fxdepass: {_one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 import torch
 
 from .errors import InvalidInputError
+from .files import check_output, open_output, output_directory
 from .inputs import pad, pad_id, tokenize
 from .results import json_number
 from .seeds import Seed, Tokens, is_padding, tokens
@@ -265,7 +267,7 @@ def completed(path: str | Path) -> dict[int, str]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):                                # a partial last line: cut it off
-        with open(path, "r+b") as file:
+        with open_output(path, "ab") as file:
             file.truncate(end)
             file.flush()
             os.fsync(file.fileno())
@@ -280,6 +282,13 @@ def completed(path: str | Path) -> dict[int, str]:
     return done
 
 
+def _json_line(value: Any) -> str:
+    """``value`` as one line of JSON that UTF-8 can hold: other characters as they are, but a lone surrogate (a token
+    cut inside a character) as its \\u escape, which a JSON reader turns back into it (Note [Text in files])."""
+    text = json.dumps(value, ensure_ascii=False)
+    return re.sub("[\ud800-\udfff]", lambda match: f"\\u{ord(match.group()):04x}", text) + "\n"
+
+
 def write_results(decomposed: DecomposedModel, entries: Sequence[dict[str, Any]], out: str | Path, *,
                   batch_size: int = 8, progress: bool | None = None, **attribute_kwargs: Any) -> tuple[int, int]:
     """Append one JSON line per prompt of ``entries`` (from :func:`read_prompts`) to ``out``, skipping the prompts
@@ -290,7 +299,7 @@ def write_results(decomposed: DecomposedModel, entries: Sequence[dict[str, Any]]
     """
     from .targets import diff
 
-    out = Path(out)
+    out = check_output(out, append=True)               # a results file, or none yet; never a link (fxdepass.files)
     done = completed(out)
     for index, prompt in done.items():
         if index >= len(entries) or entries[index]["prompt"] != prompt:
@@ -300,11 +309,11 @@ def write_results(decomposed: DecomposedModel, entries: Sequence[dict[str, Any]]
     records = attribute_batches(decomposed, [e["prompt"] for e in entries], batch_size=batch_size,
                                 targets=targets if any(t is not None for t in targets) else None,
                                 skip=done, progress=progress, **attribute_kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_directory(out.parent)
     written = 0
-    with open(out, "a", encoding="utf-8") as file:
+    with open_output(out, "a") as file:
         for batch in records:
-            file.write("".join(json.dumps(r.to_json(decomposed.tokenizer), ensure_ascii=False) + "\n" for r in batch))
+            file.write("".join(_json_line(r.to_json(decomposed.tokenizer)) for r in batch))
             file.flush()
             os.fsync(file.fileno())
             written += len(batch)

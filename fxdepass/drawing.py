@@ -17,7 +17,7 @@ from typing import Any
 
 import networkx as nx
 
-from .export import signed_colour
+from .export import escape_text, signed_colour
 
 __all__ = ["graph_layout", "graph_figure"]
 
@@ -26,7 +26,9 @@ _BOX_WIDTH, _BOX_HEIGHT, _GAP, _ROW, _LEFT = 44, 20, 4, 46, 110
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """``value`` as HTML text: its printable form (Note [Text in files]: an HTML page cannot hold every character
+    a token can), HTML-escaped.  The report's text goes through it too."""
+    return html.escape(escape_text(str(value)), quote=True)
 
 
 def _drawn_nodes(graph: nx.DiGraph, max_nodes: int) -> list[str]:

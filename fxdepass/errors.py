@@ -13,6 +13,7 @@ __all__ = [
     "OutOfMemoryEstimateError",
     "ReconstructionError",
     "ModelNotFoundError",
+    "OutputError",
     "node_location",
 ]
 
@@ -51,6 +52,11 @@ class ReconstructionError(FxDePassError):
 
 class ModelNotFoundError(FxDePassError):
     """A model name, path or Hub id that does not lead to a loadable model (nothing is downloaded)."""
+
+
+class OutputError(FxDePassError, OSError):
+    """A file fxdepass will not write: one that exists (unless overwriting was asked for), a symbolic link, something
+    that is not a regular file, or a place it cannot write to (:mod:`fxdepass.files`)."""
 
 
 class MissingDependencyError(FxDePassError, ImportError):

@@ -1,16 +1,22 @@
 """Export attribution graphs (:mod:`fxdepass.graph`): DOT (pydot), GraphML (networkx) and circuit-tracer JSON.
+Every file is written through :mod:`fxdepass.files` (no overwriting unless asked, no symbolic links), and every
+string in it, whatever characters it holds, reads back exactly (Note [Text in files]).
 
 docs/graph-format.md documents the node kinds, their attributes and how they map onto circuit-tracer's
 fields (:data:`CIRCUIT_SCHEMA` is that mapping's JSON Schema).
 
 >>> write_dot(graph, "out/graph.dot"); write_graphml(graph, "out/graph.graphml")       # doctest: +SKIP
+>>> read_graphml("out/graph.graphml").nodes["target"]["label"]                          # doctest: +SKIP
+"logit ' Paris'"
 >>> write_circuit_json(graph, "out")      # out/<slug>.json and out/graph-metadata.json  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import xml.etree.ElementTree
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +24,10 @@ import networkx as nx
 import pydot
 
 from .errors import InvalidInputError
+from .files import check_output, open_output, output_directory, write_text
 
-__all__ = ["to_pydot", "write_dot", "write_graphml", "to_circuit_json", "write_circuit_json", "default_slug",
-           "CIRCUIT_SCHEMA", "signed_colour"]
+__all__ = ["to_pydot", "write_dot", "write_graphml", "read_graphml", "to_circuit_json", "write_circuit_json",
+           "default_slug", "check_slug", "CIRCUIT_SCHEMA", "signed_colour", "escape_text", "unescape_text"]
 
 #: JSON Schema of :func:`to_circuit_json`'s output (the fields circuit-tracer's front end reads)
 CIRCUIT_SCHEMA: dict[str, Any] = {
@@ -125,9 +132,63 @@ def signed_colour(value: float, largest: float, floor: float = 0.0) -> str:
     return "#" + "".join(f"{c:02x}" for c in channels)
 
 
+# Note [Text in files]
+# A token can hold any character: byte-level tokenizers give NUL and other control characters, and a token
+# cut inside a character decodes to a lone surrogate.  XML 1.0 cannot hold NUL, most other C0 controls, lone
+# surrogates or U+FFFE/U+FFFF, not even as character references, and it turns CR into LF; HTML parsing drops
+# NUL; Graphviz reads C strings; and a lone surrogate has no UTF-8 encoding at all.  So GraphML, DOT and the
+# HTML report hold each string in its printable form, escape_text: a backslash doubled, and every character
+# that Python does not print (not str.isprintable) written as Python writes it in a repr (\t, \n, \r, \xHH,
+# \uHHHH, \UHHHHHHHH).  Every backslash of the form then starts an escape, so unescape_text reads it back
+# exactly, and the form shows what the string holds (an invisible character becomes visible).  JSON needs
+# none of this: json.dumps escapes what it must and json.loads gives every string back.
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ESCAPE = re.compile(r"\\(?:([\\tnr])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+
+
+def _escape_character(character: str) -> str:
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    if character.isprintable():
+        return character
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_text(text: str) -> str:
+    r"""The printable form of ``text`` (Note [Text in files]): backslashes doubled, unprintable characters escaped.
+
+    >>> print(escape_text("a\\b\x00\ud800\n c"))
+    a\\b\x00\ud800\n c
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(map(_escape_character, text))
+
+
+def _unescape(match: re.Match) -> str:
+    short, *codes = match.groups()
+    if short is not None:
+        return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}[short]
+    code = int(next(c for c in codes if c is not None), 16)
+    return chr(code) if code <= 0x10FFFF else match.group()
+
+
+def unescape_text(text: str) -> str:
+    r"""``text`` from its printable form (:func:`escape_text`).
+
+    >>> unescape_text(r"a\\b\x00\ud800\n c") == "a\\b\x00\ud800\n c"
+    True
+    """
+    return _ESCAPE.sub(_unescape, text) if "\\" in text else text
+
+
 def _dot_text(text: str) -> str:
-    """Text for a DOT label: backslashes doubled (pydot escapes the quotes)."""
-    return text.replace("\\", "\\\\")
+    """Text for a DOT label or tooltip: Graphviz shows its printable form (Note [Text in files]); the form's
+    backslashes doubled again, since Graphviz reads \\n, \\N, … in a label as line breaks and names (pydot
+    escapes the quotes)."""
+    return escape_text(text).replace("\\", "\\\\")
 
 
 def to_pydot(graph: nx.DiGraph, max_edges: int | None = None) -> pydot.Dot:
@@ -172,23 +233,57 @@ def to_pydot(graph: nx.DiGraph, max_edges: int | None = None) -> pydot.Dot:
     return dot
 
 
-def write_dot(graph: nx.DiGraph, path: str | Path) -> Path:
-    """Write :func:`to_pydot`'s drawing to ``path``."""
-    path = Path(path)
-    path.write_text(to_pydot(graph).to_string(), encoding="utf-8")
-    return path
+def write_dot(graph: nx.DiGraph, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write :func:`to_pydot`'s drawing to ``path`` (an existing file only with ``overwrite``; :mod:`fxdepass.files`)."""
+    return write_text(path, to_pydot(graph).to_string(), overwrite=overwrite)
 
 
-def write_graphml(graph: nx.DiGraph, path: str | Path) -> Path:
-    """GraphML via networkx; graph attributes that are lists or dicts are stored as JSON text.
+#: the graph attribute of a GraphML file naming the graph attributes stored as JSON text
+_JSON_ATTRIBUTES = "fxdepass_json"
+
+
+def _map_strings(graph: nx.DiGraph, convert: Any) -> nx.DiGraph:
+    """A copy of ``graph`` with ``convert`` applied to its node names and to its nodes' and edges' string values."""
+    copy = nx.relabel_nodes(graph, {n: convert(n) for n in graph if isinstance(n, str)}, copy=True)
+    for data in [d for _, d in copy.nodes(data=True)] + [d for *_, d in copy.edges(data=True)]:
+        data.update({k: convert(v) for k, v in data.items() if isinstance(v, str)})
+    return copy
+
+
+def write_graphml(graph: nx.DiGraph, path: str | Path, *, overwrite: bool = False) -> Path:
+    """GraphML via networkx, which :func:`read_graphml` reads back exactly: strings in their printable form (Note
+    [Text in files]), graph attributes that are lists or dicts as JSON text (named in the graph attribute
+    ``fxdepass_json``).  An existing file is replaced only with ``overwrite`` (:mod:`fxdepass.files`).
 
     >>> json.loads(nx.read_graphml(write_graphml(graph, "g.graphml")).graph["stages"])     # doctest: +SKIP
     """
-    path = Path(path)
-    copy = graph.copy()
-    copy.graph = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in graph.graph.items()}
-    nx.write_graphml(copy, path)
-    return path
+    copy = _map_strings(graph, escape_text)
+    stored = [k for k, v in graph.graph.items() if not isinstance(v, (str, int, float, bool))]
+    copy.graph = {k: json.dumps(v) if k in stored else escape_text(v) if isinstance(v, str) else v
+                  for k, v in graph.graph.items()}
+    copy.graph[_JSON_ATTRIBUTES] = json.dumps(stored)
+    with open_output(path, "wb", overwrite=overwrite) as file:
+        nx.write_graphml(copy, file)
+    return Path(path)
+
+
+def read_graphml(path: str | os.PathLike) -> nx.DiGraph:
+    """The graph :func:`write_graphml` wrote to ``path``, every string and attribute as it was.
+
+    >>> read_graphml(write_graphml(graph, "g.graphml")).graph["prompt_tokens"]          # doctest: +SKIP
+    ['The', ' capital', ' of', ' France', ' is']
+    """
+    try:
+        stored = nx.read_graphml(path)
+        for default in ("node_default", "edge_default"):   # networkx's record of key defaults, which we never set
+            stored.graph.pop(default, None)
+        names = json.loads(stored.graph.pop(_JSON_ATTRIBUTES, "[]"))
+        graph = _map_strings(stored, unescape_text)
+        graph.graph = {k: json.loads(v) if k in names else unescape_text(v) if isinstance(v, str) else v
+                       for k, v in stored.graph.items()}
+    except (OSError, xml.etree.ElementTree.ParseError, nx.NetworkXError, json.JSONDecodeError, TypeError) as error:
+        raise InvalidInputError(f"{path}: not a GraphML file fxdepass wrote ({error})") from None
+    return graph
 
 
 def _circuit_node(data: dict[str, Any], vocab_id: int, layers: int, length: int, probability: float,
@@ -243,25 +338,52 @@ def to_circuit_json(graph: nx.DiGraph, *, slug: str | None = None) -> dict[str, 
     }
 
 
-def write_circuit_json(graph: nx.DiGraph, directory: str | Path, *, slug: str | None = None) -> Path:
+def write_circuit_json(graph: nx.DiGraph, directory: str | Path, *, slug: str | None = None,
+                       overwrite: bool = False) -> Path:
     """Write :func:`to_circuit_json` to ``directory/<slug>.json`` and list it in ``directory/graph-metadata.json``
     (``{"graphs": [metadata, …]}``, where circuit-tracer's viewer finds a folder's graphs): an entry with the same
-    slug is replaced, every other one kept.  ``slug`` defaults to :func:`default_slug`.
+    slug is replaced, every other one kept.  ``slug`` defaults to :func:`default_slug`.  An existing
+    ``<slug>.json`` is replaced only with ``overwrite``; the listing is updated in place (:mod:`fxdepass.files`).
 
     >>> write_circuit_json(graph, "out", slug="capital")                                # doctest: +SKIP
     PosixPath('out/capital.json')
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     data = to_circuit_json(graph, slug=slug)
-    slug = data["metadata"]["slug"]
-    if not re.fullmatch(r"[\w.-]+", slug) or slug.startswith("."):
-        raise InvalidInputError(f"slug {slug!r}: use letters, digits, '-', '_' and '.' (it names the file {slug}.json)")
-    path = directory / f"{slug}.json"
-    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    listing = directory / "graph-metadata.json"
-    graphs = json.loads(listing.read_text(encoding="utf-8")).get("graphs", []) if listing.exists() else []
+    slug = check_slug(data["metadata"]["slug"])
+    directory = output_directory(directory)
+    path, listing = check_output(directory / f"{slug}.json", overwrite=overwrite), directory / METADATA_FILE
+    graphs = _listed_graphs(check_output(listing, overwrite=True))
     entry = {k: v for k, v in data["metadata"].items() if k != "fxdepass"}
     graphs = [g for g in graphs if g.get("slug") != slug] + [entry]
-    listing.write_text(json.dumps({"graphs": graphs}, indent=1), encoding="utf-8")
+    write_text(path, json.dumps(data, indent=1), overwrite=overwrite)
+    write_text(listing, json.dumps({"graphs": graphs}, indent=1), overwrite=True)
     return path
+
+
+def check_slug(slug: str) -> str:
+    """``slug`` if it can name a file ``<slug>.json`` inside the output folder, else :class:`InvalidInputError`.
+
+    >>> check_slug("capital")
+    'capital'
+    """
+    if not re.fullmatch(r"[\w.-]+", slug) or slug.startswith("."):
+        raise InvalidInputError(f"slug {slug!r}: use letters, digits, '-', '_' and '.' (it names the file {slug}.json)")
+    return slug
+
+
+#: the listing of a folder's graphs that circuit-tracer's viewer reads first
+METADATA_FILE = "graph-metadata.json"
+
+
+def _listed_graphs(listing: Path) -> list[dict[str, Any]]:
+    """The entries of an existing listing (none when it is missing)."""
+    if not listing.exists():
+        return []
+    try:
+        graphs = json.loads(listing.read_text(encoding="utf-8")).get("graphs", [])
+        if isinstance(graphs, list) and all(isinstance(g, dict) for g in graphs):
+            return graphs
+    except (ValueError, AttributeError):
+        pass
+    raise InvalidInputError(f'{listing} is not a circuit-tracer listing ({{"graphs": [...]}}): move it away or write '
+                            "the graph to another folder")

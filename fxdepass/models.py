@@ -6,13 +6,17 @@
 >>> fxdepass.load("HuggingFaceTB/SmolLM2-135M")           # a Hub id present in the local cache      # doctest: +SKIP
 
 Nothing is downloaded: names resolve to files installed with a Python package or shipped in the repository,
-paths to local files, Hub ids to the local Hugging Face cache.
+paths to local files, Hub ids to the local Hugging Face cache.  Nothing a model ships runs either (Note [Loading
+runs no model code]): weights load from safetensors or GGUF files only, never from pickle files, and code named
+by a config's ``auto_map`` is never imported.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,24 +157,74 @@ def load(name: str | os.PathLike, *, dtype: Any = None, device: Any = None) -> t
     return load_source(resolve(name), dtype=dtype, device=device)
 
 
+# Note [Loading runs no model code]
+# A model directory is data from anywhere, so loading it must not run code that came with it:
+# - Weights: a pickle file (pytorch_model.bin, *.pt, …) is a program for the unpickler.  torch.load's
+#   weights_only mode refuses the usual payloads but is an allow-list with a history of escapes, so fxdepass
+#   does not unpickle at all: it loads safetensors (use_safetensors=True, so transformers never falls back to
+#   a .bin beside them) or GGUF, and names the conversion when a directory has only pickle weights.
+# - Code: a config's auto_map names Python files of the model directory that transformers imports when
+#   trust_remote_code is true (and, when it is left unset, asks on the terminal).  fxdepass passes
+#   trust_remote_code=False everywhere; a model whose type transformers does not know is refused, and one it
+#   knows is loaded with transformers' own implementation, with a warning that the shipped code (which may
+#   compute something else) was not used.
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_no_model_code(directory: Path) -> None:
+    """Refuse a model directory that only code could load (Note [Loading runs no model code])."""
+    if not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelNotFoundError(
+                f"{directory}: its weights are pickle files ({', '.join(pickled)}), and fxdepass loads only safetensors "
+                "or GGUF weights because unpickling runs code; convert them once where you trust the files, e.g. "
+                "`AutoModel.from_pretrained(DIR).save_pretrained(DIR)` writes model.safetensors")
+        raise ModelNotFoundError(f"{directory}: no weights (no *.safetensors file; fxdepass also reads a .gguf file)")
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{directory}: config.json is unreadable ({error})") from None
+    code = config.get("auto_map") if isinstance(config, dict) else None
+    if not code:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    named = [n for v in (code.values() if isinstance(code, dict) else [code]) for n in (v if isinstance(v, list) else [v])]
+    shipped = ", ".join(n for n in named if isinstance(n, str)) or repr(code)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelNotFoundError(f"{directory}: config.json's auto_map asks to run code shipped with the model ({shipped}) "
+                                 f"and transformers has no built-in model type {model_type!r}; fxdepass never runs a "
+                                 "model's own code")
+    warnings.warn(f"{directory}: config.json's auto_map names code shipped with the model ({shipped}); fxdepass never "
+                  f"runs it and loads transformers' own {model_type!r} implementation, which may compute something "
+                  "else", stacklevel=3)
+
+
 def load_source(source: ModelSource, *, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
-    """:func:`load` for a :class:`ModelSource` already resolved.
+    """:func:`load` for a :class:`ModelSource` already resolved; no code that came with the model runs (Note
+    [Loading runs no model code]).
 
     >>> fxdepass.models.load_source(fxdepass.models.resolve("demo"))                  # doctest: +SKIP
     """
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    options: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if not gguf:
+        _check_no_model_code(source.directory)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, **options)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, trust_remote_code=False, **gguf)
         if source.gguf_file:
             loader = transformers.AutoModelForCausalLM
         else:
-            config = transformers.AutoConfig.from_pretrained(source.directory)
+            config = transformers.AutoConfig.from_pretrained(source.directory, trust_remote_code=False)
             causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
             loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = loader.from_pretrained(source.directory, **options, **({"dtype": dtype} if dtype is not None else {}))
+        model = loader.from_pretrained(source.directory, trust_remote_code=False, **(gguf or {"use_safetensors": True}),
+                                       **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, ImportError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(f"{source.describe()}: could not load the model or its tokenizer ({first})") from None

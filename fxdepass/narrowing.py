@@ -31,7 +31,7 @@ import sympy
 import torch
 import torch.fx
 
-from fxdepass.registry import add_to_rest, rest_only
+from fxdepass.registry import add_to_rest, component_axis, rest_only
 from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
 from fxdepass.seeds import split_features
@@ -269,26 +269,29 @@ def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, b
         groups = tuple(tuple(range(g * width // groups, (g + 1) * width // groups)) for g in range(groups))
     groups = [list(dict.fromkeys(i % width for i in group)) for group in groups]
     rows = value.reshape(-1, width)
-    out = rows.new_empty(len(groups) + 1, rows.shape[0], weight.shape[1])
+    held = component_axis()  # only the groups this process holds (registry Note [Sharded components])
+    start, end = held.held(len(groups))
+    out = rows.new_empty(end - start + held.rest, rows.shape[0], weight.shape[1])
     tile = _tile(groups)
     if tile:  # consecutive equal ranges (heads): views of the features and weight rows, no copy
-        covered = len(groups) * tile
-        torch.bmm(rows[:, :covered].reshape(-1, len(groups), tile).transpose(0, 1),
-                  weight[:covered].reshape(len(groups), tile, -1), out=out[:-1])
-        rest: slice | list[int] = slice(covered, width)
+        own = slice(start * tile, end * tile)
+        torch.bmm(rows[:, own].reshape(-1, end - start, tile).transpose(0, 1),
+                  weight[own].reshape(end - start, tile, -1), out=out[:end - start])
+        rest: slice | list[int] = slice(len(groups) * tile, width)
     else:
         longest = max(len(group) for group in groups)
         # short groups are padded with a zero feature column (and any weight row: it meets only zeros)
-        index = torch.tensor([group + [width] * (longest - len(group)) for group in groups], device=value.device)
+        index = torch.tensor([group + [width] * (longest - len(group)) for group in groups[start:end]], device=value.device)
         padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
-        torch.bmm(padded[:, index].movedim(1, 0), weight[index.clamp(max=width - 1)], out=out[:-1])
+        torch.bmm(padded[:, index].movedim(1, 0), weight[index.clamp(max=width - 1)], out=out[:end - start])
         rest = sorted(set(range(width)).difference(*groups))
-    rest_rows = rows[:, rest]
-    if rest_rows.shape[1]:
-        torch.mm(rest_rows, weight[rest], out=out[-1])
-    else:
-        out[-1].zero_()
-    out = out.reshape(len(groups) + 1, *value.shape[:-1], weight.shape[1])
+    if held.rest:
+        rest_rows = rows[:, rest]
+        if rest_rows.shape[1]:
+            torch.mm(rest_rows, weight[rest], out=out[-1])
+        else:
+            out[-1].zero_()
+    out = out.reshape(out.shape[0], *value.shape[:-1], weight.shape[1])
     return out if bias is None else add_to_rest(out, bias)
 
 

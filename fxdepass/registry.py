@@ -71,6 +71,11 @@ __all__ = [
     "rest_only",
     "rest_in_block",
     "lookup",
+    "ComponentAxis",
+    "component_axis",
+    "across_components",
+    "on_component_axis",
+    "held_rows",
 ]
 
 
@@ -252,14 +257,94 @@ def register_rule(
 _REST = {"here": True}
 
 
+# Note [Sharded components]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~
+# Rules see the components their process holds.  In one process that is all of them; in a distributed
+# run (fxdepass/shards.py) each process holds a contiguous range of the sources, and the first process
+# also holds rest.  Nearly every rule acts on each component separately and needs nothing more.  What
+# couples components is a reduction over the component axis (the activation allocation's maximum and
+# normaliser, its linear mode's minimum, sum and count, the max mode's winner) and the component's own
+# number (the sink token, the max mode's first-of-equals): a rule reduces over the components it holds,
+# then completes the reduction with :func:`across_components`, and numbers its rows with
+# :meth:`ComponentAxis.numbers`.  The seeds' splits ask :meth:`ComponentAxis.held` which rows to make.
+
+
+class ComponentAxis:
+    """Where the component axis lives: by default all in this process.  fxdepass/shards.py subclasses it
+    for a run sharded across processes (Note [Sharded components])."""
+
+    #: whether this process holds the rest component
+    rest = True
+
+    def held(self, count: int) -> tuple[int, int]:
+        """Of ``count`` sources (rest not counted), the range ``[start, end)`` this process makes."""
+        return 0, count
+
+    def reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        """Complete, in place, a reduction (``"sum"``, ``"max"`` or ``"min"``) over the components held here."""
+        return value
+
+    def numbers(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The component numbers of the ``rows`` held here (rest: the number of sources), as a ``long`` tensor.
+
+        >>> ComponentAxis().numbers(3, torch.device("cpu"))
+        tensor([0, 1, 2])
+        """
+        return torch.arange(rows, device=device)
+
+
+_AXIS = [ComponentAxis()]
+
+
+def component_axis() -> ComponentAxis:
+    """The component axis of the run in progress (Note [Sharded components])."""
+    return _AXIS[-1]
+
+
+def across_components(value: torch.Tensor, op: str) -> torch.Tensor:
+    """Complete a reduction over the component axis that the caller made over its own components.
+
+    >>> across_components(torch.ones(3, 2).sum(0), "sum")    # in one process: the value itself
+    tensor([3., 3.])
+    """
+    return _AXIS[-1].reduce(value, op)
+
+
+def held_rows(components: torch.Tensor) -> torch.Tensor:
+    """The rows this process holds of ``components`` made in full (sources, then rest): all of them in one process.
+
+    >>> held_rows(torch.arange(4.0))
+    tensor([0., 1., 2., 3.])
+    """
+    axis = _AXIS[-1]
+    start, end = axis.held(components.shape[0] - 1)
+    if (start, end) == (0, components.shape[0] - 1) and axis.rest:
+        return components
+    return torch.cat((components[start:end], components[-1:])) if axis.rest else components[start:end]
+
+
+@contextlib.contextmanager
+def on_component_axis(axis: ComponentAxis) -> Iterator[None]:
+    """Within the context, rules and seeds hold the components ``axis`` says (and rest only if it holds it)."""
+    _AXIS.append(axis)
+    before = _REST["here"]
+    _REST["here"] = axis.rest
+    try:
+        yield
+    finally:
+        _AXIS.pop()
+        _REST["here"] = before
+
+
 @contextlib.contextmanager
 def rest_in_block(present: bool) -> Iterator[None]:
     """Within the context, the components rules see do (or do not) include the rest component.
 
-    Only ``fxdepass.blocked`` sets it: its blocks past the first hold no rest (Note [Causal blocks]).
+    Only ``fxdepass.blocked`` sets it: its blocks past the first hold no rest (Note [Causal blocks]);
+    a process that holds no rest at all (Note [Sharded components]) holds none in any block.
     """
     before = _REST["here"]
-    _REST["here"] = present
+    _REST["here"] = present and _AXIS[-1].rest
     try:
         yield
     finally:

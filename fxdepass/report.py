@@ -11,22 +11,21 @@ the compact fragment Jupyter shows for an :class:`~fxdepass.api.Attribution`.
 """
 from __future__ import annotations
 
-import html
 import math
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import torch
 
 from .api import Attribution
-from .drawing import FIGURE_SCRIPT, FIGURE_STYLE, graph_figure
+from .drawing import FIGURE_SCRIPT, FIGURE_STYLE, _e, graph_figure
 from .export import signed_colour, to_pydot, write_dot
+from .files import check_output, write_text
 
-__all__ = ["report_html", "write_report", "render_svg", "attribution_html"]
+__all__ = ["report_html", "write_report", "report_paths", "render_svg", "attribution_html"]
 
 _STYLE = """
 .fxdepass{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;line-height:1.45}
@@ -59,10 +58,6 @@ _SCRIPT = """
   document.body.dataset.ready = "1";
 })();
 """
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _ink(background: str) -> str:
@@ -241,21 +236,32 @@ def report_html(graph: nx.DiGraph, *, exports: list[str] | None = None, title: s
             f'<body class="fxdepass">{"".join(sections)}<script>{_SCRIPT}</script><script>{FIGURE_SCRIPT}</script></body></html>\n')
 
 
-def write_report(graph: nx.DiGraph, path: str | Path, *, title: str = "fxdepass attribution") -> Path:
+def report_paths(path: str | Path) -> list[Path]:
+    """The files :func:`write_report` may write for ``path``: the page, its DOT file and Graphviz's drawing.
+
+    >>> report_paths("out/report.html")                                                 # doctest: +SKIP
+    [PosixPath('out/report.html'), PosixPath('out/report.dot'), PosixPath('out/report.svg')]
+    """
+    path = Path(path)
+    return [path, path.with_suffix(".dot"), path.with_suffix(".svg")]
+
+
+def write_report(graph: nx.DiGraph, path: str | Path, *, title: str = "fxdepass attribution",
+                 overwrite: bool = False) -> Path:
     """Write the report to ``path``, the graph's DOT file beside it (``path`` with suffix ``.dot``) and, when
     Graphviz's ``dot`` is installed and finishes, its drawing (suffix ``.svg``).  The page needs neither.
+    Existing files are replaced only with ``overwrite`` (:mod:`fxdepass.files`), and all three are checked
+    before the first is written.
 
     >>> write_report(graph, "out/report.html")                                          # doctest: +SKIP
     PosixPath('out/report.html')
     """
-    path = Path(path)
-    exports = [write_dot(graph, path.with_suffix(".dot")).name]
+    path, dot_path, svg_path = (check_output(p, overwrite=overwrite) for p in report_paths(path))
+    exports = [write_dot(graph, dot_path, overwrite=overwrite).name]
     svg, _ = render_svg(graph)
     if svg is not None:
-        svg_path = path.with_suffix(".svg")
-        svg_path.write_text(svg, encoding="utf-8")
-        exports.append(svg_path.name)
-    path.write_text(report_html(graph, exports=exports, title=title), encoding="utf-8")
+        exports.append(write_text(svg_path, svg, overwrite=overwrite).name)
+    write_text(path, report_html(graph, exports=exports, title=title), overwrite=overwrite)
     return path
 
 

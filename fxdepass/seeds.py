@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from .errors import InvalidSeedError
+from .registry import ComponentAxis, component_axis, held_rows, on_component_axis
 from .locations import Locations
 
 __all__ = [
@@ -567,10 +568,15 @@ def split_groups(value: torch.Tensor, *, position_axis: int, groups: tuple[tuple
 
 
 def _split_by_membership(value: torch.Tensor, membership: torch.Tensor, axis: int) -> torch.Tensor:
-    """Components ``value · membership[k]`` along ``axis``, then the rest ``value · (1 − covered)``."""
-    shape = [membership.shape[0]] + [1] * value.ndim
+    """Components ``value · membership[k]`` along ``axis``, then the rest ``value · (1 − covered)``: those
+    this process holds (registry Note [Sharded components])."""
+    held = component_axis()
+    start, end = held.held(membership.shape[0])
+    shape = [end - start] + [1] * value.ndim
     shape[axis + 1] = membership.shape[1]
-    parts = membership.reshape(shape) * value.unsqueeze(0)
+    parts = membership[start:end].reshape(shape) * value.unsqueeze(0)
+    if not held.rest:
+        return parts
     covered = membership.sum(0).clamp_max(1.0).reshape(shape[1:])
     return torch.cat((parts, (value * (1.0 - covered)).unsqueeze(0)))
 
@@ -614,21 +620,25 @@ def split_experts(value: torch.Tensor, offsets: torch.Tensor, *, count: int) -> 
 def split_expert(value: torch.Tensor, offsets: torch.Tensor, *, expert: int, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
     """Split expert ``expert``'s rows of a grouped kernel's input by neuron groups; all else is rest."""
     rows = (_expert_of_rows(value.shape[0], offsets) == expert).to(value.dtype).unsqueeze(-1)
-    parts = split_features(value * rows, groups=groups)[:-1]
-    return torch.cat((parts, (value - parts.sum(0)).unsqueeze(0)))
+    with on_component_axis(ComponentAxis()):  # every group, for the rest
+        parts = split_features(value * rows, groups=groups)[:-1]
+    return held_rows(torch.cat((parts, (value - parts.sum(0)).unsqueeze(0))))
 
 
 def as_component(value: torch.Tensor, *, index: int, count: int) -> torch.Tensor:
-    """All of ``value`` in component ``index`` of ``count`` (plus an empty rest)."""
-    out = value.new_zeros(count + 1, *value.shape)
-    out[index] = value
+    """All of ``value`` in component ``index`` of ``count`` (plus an empty rest), in the rows this process holds."""
+    held = component_axis()
+    start, end = held.held(count)
+    out = value.new_zeros(end - start + held.rest, *value.shape)
+    if start <= index < end or (index == count and held.rest):
+        out[index - start if index < count else -1] = value
     return out
 
 
 def split_subspaces(value: torch.Tensor, *, projectors: torch.Tensor) -> torch.Tensor:
     """Components ``P_k x`` and rest ``x − Σ_k P_k x`` (projectors ``[K, d, d]`` act on the last axis)."""
     parts = torch.einsum("kij,...j->k...i", projectors.to(value.dtype), value)
-    return torch.cat((parts, (value - parts.sum(0)).unsqueeze(0)))
+    return held_rows(torch.cat((parts, (value - parts.sum(0)).unsqueeze(0))))
 
 
 def checked_split(value: torch.Tensor, *, split: Callable[[torch.Tensor], torch.Tensor], name: str) -> torch.Tensor:
@@ -643,7 +653,7 @@ def checked_split(value: torch.Tensor, *, split: Callable[[torch.Tensor], torch.
     if float(remainder.abs().max() / scale) > (1e-12 if value.dtype == torch.float64 else tolerance):
         raise InvalidSeedError(f"custom seed at {name}: the components do not sum to the value "
                                f"(max relative error {float(remainder.abs().max() / scale):.2e})")
-    return torch.cat((parts.to(value.dtype), remainder.unsqueeze(0)))
+    return held_rows(torch.cat((parts.to(value.dtype), remainder.unsqueeze(0))))
 
 
 def sink_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

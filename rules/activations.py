@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fxdepass.registry import defactivation, defgate
+from fxdepass.registry import across_components, component_axis, defactivation, defgate
 
 aten = torch.ops.aten
 
@@ -51,7 +51,7 @@ def sink_mask(
     ``sink`` is ``[2, batch]``: per prompt, the sink's component index (−1: none) and its position.
     """
     ndim = components.ndim
-    index = _along(torch.arange(components.shape[0], device=components.device), 0, ndim)
+    index = _along(component_axis().numbers(components.shape[0], components.device), 0, ndim)
     position = _along(torch.arange(components.shape[position_axis + 1], device=components.device), position_axis + 1, ndim)
     if batch_axis is None:
         component, own = sink[0, 0], sink[1, 0]
@@ -65,23 +65,38 @@ def allocation_weights(
 ) -> torch.Tensor:
     """Shares of each component (axis 0) at each element; they sum to one over axis 0.
 
-    Where every component is ``absent`` the rest component (the last) takes everything.
+    Where every component is ``absent`` the rest component (the last) takes everything.  Each reduction
+    over the components is completed by ``across_components`` (Note [Sharded components]), so the shares
+    are the same whether this process holds every component or a range of them.
     """
-    nothing = absent.all(0)
-    absent[-1].logical_and_(~nothing)  # in place: absent is the caller's scratch tensor
+    rest = component_axis().rest
     if mode == "softmax":
-        logits = pre_activation * (1.0 / temperature)
-        return torch.softmax(logits.masked_fill_(absent, float("-inf")), dim=0)
+        logits = (pre_activation * (1.0 / temperature)).masked_fill_(absent, float("-inf"))
+        top = across_components(logits.amax(0, keepdim=True), "max")
+        nothing = top == float("-inf")  # no component present: rest takes everything
+        top.masked_fill_(nothing, 0.0)
+        if rest:
+            logits[-1:].masked_fill_(nothing, 0.0)
+        weights = logits.sub_(top).exp_()
+        return weights.div_(across_components(weights.sum(0, keepdim=True), "sum"))
+    present = (~absent).to(pre_activation.dtype)
+    count = across_components(present.sum(0, keepdim=True), "sum")
+    if rest:
+        present[-1:].masked_fill_(count == 0, 1.0)
+    absent = present == 0
     if mode == "linear":
-        low = pre_activation.masked_fill(absent, float("inf")).amin(0, keepdim=True)
+        low = across_components(pre_activation.masked_fill(absent, float("inf")).amin(0, keepdim=True), "min")
         spread = (pre_activation - low).masked_fill_(absent, 0.0)
-        total = spread.sum(0, keepdim=True)
-        present = (~absent).to(pre_activation.dtype)
-        equal = present / present.sum(0, keepdim=True)
+        total = across_components(spread.sum(0, keepdim=True), "sum")
+        equal = present / count.clamp_min(1.0)
         return torch.where(total > 0, spread / total.clamp_min(torch.finfo(total.dtype).tiny), equal)
     if mode == "max":
-        winner = pre_activation.masked_fill(absent, float("-inf")).argmax(0, keepdim=True)
-        return torch.zeros_like(pre_activation).scatter_(0, winner, 1.0)
+        masked = pre_activation.masked_fill(absent, float("-inf"))
+        top = across_components(masked.amax(0, keepdim=True), "max")
+        # the first component (by number) reaching the maximum: the one-process argmax
+        numbers = _along(component_axis().numbers(masked.shape[0], masked.device), 0, masked.ndim)
+        first = torch.where(masked == top, numbers, torch.iinfo(torch.long).max).amin(0, keepdim=True)
+        return (numbers == across_components(first, "min")).to(pre_activation.dtype)
     raise ValueError(f"unknown activation allocation {mode!r}; choose one of {ALLOCATIONS}")
 
 

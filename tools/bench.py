@@ -12,6 +12,7 @@ absolute seconds from different runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -126,8 +127,16 @@ def allocator_peak(run: Callable[[], object]) -> int:
     (Note [Allocator peak])."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run()
+    # Python's cyclic garbage collector frees tensors held in reference cycles whenever it happens to run,
+    # so with it on the same call peaked at 0.54, 0.93 or 1.08 MB (Mixtral, 2 layers, N=64); off, the peak
+    # is the one the pass reaches when no collection comes to its rescue, the same every time.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            run()
+    finally:
+        gc.enable()
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     held = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
@@ -225,6 +234,74 @@ def run_variants(n: int = 64) -> list[dict]:
     return rows
 
 
+#: the distributed row: token attribution of the small Llama at this length, in 1 and 2 gloo processes
+DISTRIBUTED_N = 256
+
+
+def _distributed_worker(rank: int, world: int, port: int, n: int, repeats: int, results: object) -> None:
+    """One process of a distributed run (fxdepass/shards.py): the median time of ``attribute(..., distributed=True)``."""
+    import torch.distributed as dist
+
+    import fxdepass
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build("llama", "small")
+        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+        decomposed = fxdepass.compile(model)
+        decomposed.attribute(ids[:, :16], distributed=True)  # warm-up: the module is built once for every length
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            attribution = decomposed.attribute(ids, distributed=True)
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            results.put({"processes": world, "threads": 1, "attribute_s": statistics.median(times),
+                         "scores": attribution.scores().tolist(), "error": attribution.reconstruction_error()})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(n: int = DISTRIBUTED_N, repeats: int = 3) -> list[dict]:
+    """Token attribution of the small Llama at N = ``n``: one process (1 and 2 threads) against two gloo processes
+    of one thread each; score difference = max |scores − one process's| / max |one process's|."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import fxdepass
+
+    rows = []
+    model = build("llama", "small")
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+    decomposed = fxdepass.compile(model)
+    decomposed.attribute(ids[:, :16])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            attribution = decomposed.attribute(ids)
+            times.append(time.perf_counter() - start)
+        rows.append({"processes": 1, "threads": threads, "attribute_s": statistics.median(times),
+                     "scores": attribution.scores().tolist(), "error": attribution.reconstruction_error()})
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_distributed_worker, args=(2, port, n, repeats, results), nprocs=2, join=True, start_method="spawn")
+    rows.append(results.get())
+    reference = torch.tensor(rows[0]["scores"])
+    for row in rows:
+        row["n"] = n
+        row["score_difference"] = float((torch.tensor(row.pop("scores")) - reference).abs().max() / reference.abs().max())
+    return rows
+
+
 def configurations() -> list[tuple[str, str, int, str, int, str]]:
     """(family, size, N, seed, repeats, read) of every row of the report."""
     configs = []
@@ -283,7 +360,8 @@ def over_budget(rows: list[dict]) -> str:
             "+ the plain forward's own peak + the result): " + "; ".join(listed) + ".")
 
 
-def report(rows: list[dict], failures: list[str], wall: float, variants: list[dict], only: str | None = None) -> str:
+def report(rows: list[dict], failures: list[str], wall: float, variants: list[dict], only: str | None = None,
+           distributed: list[dict] | None = None) -> str:
     mb = 1 / 2**20
     lines = [
         "# Performance",
@@ -335,6 +413,15 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
                   "|scores − float64 scores| / max |float64 scores|; *first call* includes compile (and torch.compile's "
                   "own compilation).", "", "| variant | first call s | attribute s | score error |", "|---|---|---|---|"]
         lines += [f"| {v['variant']} | {v['first_s']:.1f} | {v['attribute_s']:.2f} | {v['error']:.1e} |" for v in variants]
+    if distributed:
+        one = distributed[0]["attribute_s"]
+        lines += ["", f"Distributed (docs/distributed.md): the small Llama, token seed, N = {distributed[0]['n']}, "
+                  "`attribute(..., distributed=True)` over gloo processes on this machine's CPU cores against one "
+                  "process; *speed-up* = the one-process, one-thread time ÷ this row's; score difference = max "
+                  "|scores − one process's| / max |one process's|.", "",
+                  "| processes | threads each | attribute s | speed-up | score difference | error |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['processes']} | {d['threads']} | {d['attribute_s']:.2f} | {one / d['attribute_s']:.2f} | "
+                  f"{d['score_difference']:.1e} | {d['error']:.1e} |" for d in distributed]
     if failures:
         lines += ["", "Configurations that failed:", ""] + [f"- {f}" for f in failures]
     lines += ["", "## On a GPU", "", gpu_section()]
@@ -364,6 +451,8 @@ def main() -> int:
     parser.add_argument("--only", metavar="FAMILY", help="rerun only this family's rows (e.g. smollm2) and keep the "
                         "others' from the last run's docs/performance.json")
     parser.add_argument("--variants", action="store_true", help="only the precision / torch.compile variants")
+    parser.add_argument("--distributed", action="store_true", help=f"only the distributed row (1 vs 2 processes, "
+                        f"N = {DISTRIBUTED_N})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     args = parser.parse_args()
@@ -374,9 +463,13 @@ def main() -> int:
     if args.variants:
         print(json.dumps(run_variants()))
         return 0
+    if args.distributed:
+        print(json.dumps(run_distributed(repeats=args.repeats)))
+        return 0
     # the measured rows, beside the report, so that `--only` can rerun one family and keep the others
     raw = Path(args.out).with_suffix(".json")
     kept = json.loads(raw.read_text()) if args.only and raw.exists() else {"rows": [], "failures": [], "variants": []}
+    kept.setdefault("distributed", [])
     rows = [r for r in kept["rows"] if r["family"] != args.only]
     failures = [f for f in kept["failures"] if not f.startswith(f"{args.only} ")]
     began = time.perf_counter()
@@ -400,12 +493,19 @@ def main() -> int:
         variants = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
         if done.returncode != 0:
             failures.append("variants: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+    distributed = kept["distributed"]
+    if not args.only:
+        done = subprocess.run([sys.executable, __file__, "--distributed"], capture_output=True, text=True, timeout=900)
+        distributed = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+        if done.returncode != 0:
+            failures.append("distributed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
     order = {config[:4] + config[5:]: i for i, config in enumerate(configurations())}
     rows.sort(key=lambda r: order.get((r["family"], r["size"], r["n"], r["seed"], r["read"]), len(order)))
     wall = time.perf_counter() - began
     Path(args.out).parent.mkdir(exist_ok=True)
-    raw.write_text(json.dumps({"rows": rows, "failures": failures, "variants": variants}, indent=1) + "\n")
-    Path(args.out).write_text(report(rows, failures, wall, variants, only=args.only))
+    raw.write_text(json.dumps({"rows": rows, "failures": failures, "variants": variants, "distributed": distributed},
+                              indent=1) + "\n")
+    Path(args.out).write_text(report(rows, failures, wall, variants, only=args.only, distributed=distributed))
     print(f"wrote {args.out} and {raw}")
     return 0
 

@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
 
     graph = clock.time("graph", lambda: fxdepass.build_graph(decomposed, ids, args.target))
     OUT.mkdir(exist_ok=True)
-    report = fxdepass.report.write_report(graph, OUT / "demo.html", title=f"fxdepass: SmolLM2 on {args.prompt!r}")
-    fxdepass.export.write_graphml(graph, OUT / "demo.graphml")
-    fxdepass.export.write_circuit_json(graph, OUT, slug="demo")
+    report = fxdepass.report.write_report(graph, OUT / "demo.html", title=f"fxdepass: SmolLM2 on {args.prompt!r}",
+                                           overwrite=True)
+    fxdepass.export.write_graphml(graph, OUT / "demo.graphml", overwrite=True)
+    fxdepass.export.write_circuit_json(graph, OUT, slug="demo", overwrite=True)
     print(f"attribution graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges, explains "
           f"{graph.graph['explained_fraction']:.0%} of the logit → {report.relative_to(ROOT)} (+ .graphml, demo.json and graph-metadata.json for circuit-tracer's viewer)")
     print(f"timing     {clock.line()}")

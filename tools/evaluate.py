@@ -155,10 +155,11 @@ def load_task(task: Task, count: int | None) -> tuple[torch.nn.Module, Any, list
                       f"{len(smollm2_prompts.IOI_TEMPLATES)} templates, {len(smollm2_prompts.IOI_NAMES)} names)")
     else:
         ensure_model(task)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(task.directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(task.directory, trust_remote_code=False)
         # sdpa, as SmolLM2 loads: attention="routed" rewrites the sdpa call (it refuses eager softmax), and the
         # attention baselines switch to eager for their maps (fxdepass.evaluate._eager_attention)
-        model = transformers.AutoModelForCausalLM.from_pretrained(task.directory, attn_implementation="sdpa").eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(task.directory, attn_implementation="sdpa",
+                                                                  trust_remote_code=False, use_safetensors=True).eval()
         module = importlib.import_module(task.module)
         examples = module.make_prompts(count or TOY_PROMPTS, module.HELD_OUT_SEED)
         drawn = [toy_prompt(task, tokenizer, e) for e in examples]
