@@ -11,12 +11,14 @@ import torch
 import torch.fx
 
 from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
-from .capture import CapturedModel, capture, cast_floats, model_inputs, position_limit, run_options
+from .capture import (CapturedModel, capture, cast_floats, evaluating, forward_hooks, model_inputs, position_limit,
+                      run_options, stamp)
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
     InvalidInputError,
     InvalidReadoutError,
+    ModelChangedError,
     OutOfMemoryEstimateError,
     ReconstructionError,
 )
@@ -269,10 +271,13 @@ class DecomposedModel:
         return torch.randint(0, self.vocab_size or 2, (2, 8), generator=generator)
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> CapturedModel:
+        """The capture serving these inputs (made on first use), following the model as it is now."""
         batch, length = inputs["input_ids"].shape
         key = None if (self._dynamic and length >= 2) else (batch, length)
         if key in self._captures:
-            return self._captures[key]
+            captured = self._captures[key]
+            self._follow_model(captured)
+            return captured
         try:
             captured = capture(self.model, inputs, dynamic=key is None)
         except CaptureError:
@@ -280,14 +285,82 @@ class DecomposedModel:
                 raise
             self._dynamic, key = False, (batch, length)
             captured = capture(self.model, inputs, dynamic=False)
-        if self._explicit_dtype or self.dtype == torch.float64:  # SPEC §5: no casts to lower precision
+        if self._casts:  # SPEC §5: no casts to lower precision
             cast_floats(captured.graph, self.dtype)
-            captured.tensors = {
-                name: (target, t.detach().to(self.dtype) if t.is_floating_point() else t)
-                for name, (target, t) in captured.tensors.items()
-            }
+            captured.tensors = {name: (target, self._held(t)) for name, (target, t) in captured.tensors.items()}
         self._captures[key] = captured
         return captured
+
+    @property
+    def _casts(self) -> bool:
+        """Whether the passes run in a dtype of their own (SPEC §5), on copies of the model's tensors."""
+        return self._explicit_dtype or self.dtype == torch.float64
+
+    def _held(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor the passes read for one of the model's: itself, or its copy in the compute dtype."""
+        return tensor.detach().to(self.dtype) if self._casts and tensor.is_floating_point() else tensor
+
+    # Note [Following the live model]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A capture holds the model's parameters and buffers as they were at compile time: the tensors
+    # themselves, or (float64 mode) copies in the compute dtype, which no later edit of the model
+    # reaches.  An attribution must explain the model as it is when it is asked for, so every use of a
+    # capture first compares each tensor's stamp (fxdepass/capture.py: the object, its storage, its
+    # version counter) with the model's tensor at the same path: an in-place edit, ``param.data = …``,
+    # ``load_state_dict`` (plain or ``assign=True``) all change it, and only the changed tensors are
+    # copied again and rebound in the generated modules, so an unchanged model costs one look per
+    # tensor.  (A write through ``param.data`` in place bumps a version counter of its own, not the
+    # parameter's: in float64 mode such an edit stays unseen; edit under ``torch.no_grad()`` instead.)
+    # What the graph itself assumes cannot be followed and is refused: a tensor's new shape or device (or
+    # dtype, outside float64 mode), and forward hooks added or removed since the capture (the graph runs
+    # the hooks that were there when it was captured; ``fxdepass.ablate``'s zeroing is such a hook, so
+    # the decomposed pass would explain the unablated model while the model's own logits are ablated).
+
+    def _follow_model(self, captured: CapturedModel) -> None:
+        """Refuse a model changed in a way ``captured`` cannot follow; bring its tensors, and its generated
+        modules', up to date with the model's (Note [Following the live model])."""
+        self._check_hooks(captured)
+        changed: dict[str, torch.Tensor] = {}
+        for name, before in captured.stamps.items():
+            path = captured.tensors[name][0]
+            owner, _, field = path.rpartition(".")
+            live = getattr(self.model.get_submodule(owner), field, None) if _has_submodule(self.model, owner) else None
+            if not isinstance(live, torch.Tensor):
+                raise ModelChangedError(f"the model no longer has the tensor {path} it had at compile(); compile it again")
+            now = stamp(live)
+            if now.same(before):
+                continue
+            (shape, dtype, device), (was_shape, was_dtype, was_device) = now.layout, before.layout
+            if shape != was_shape or device != was_device or (dtype != was_dtype and not self._casts):
+                raise ModelChangedError(
+                    f"the model's {path} is now {list(shape)} {dtype} on {device}, but was {list(was_shape)} {was_dtype} "
+                    f"on {was_device} at compile(); compile the model again")
+            held = self._held(live)
+            captured.tensors[name], captured.stamps[name] = (path, held), now
+            changed[path] = held
+        if changed:
+            for (of, _, _), (module, _) in self._modules.items():
+                if of == id(captured):
+                    for path, tensor in changed.items():
+                        _rebind(module, path, tensor)
+
+    def _check_hooks(self, captured: CapturedModel) -> None:
+        """Refuse forward hooks added or removed since ``captured`` was made (Note [Following the live model])."""
+        now = forward_hooks(self.model)
+        if now.keys() == captured.hooks.keys():
+            return
+        if any(getattr(now[key], "fxdepass_ablation", False) for key in now.keys() - captured.hooks.keys()):
+            raise ModelChangedError(
+                "attribute() inside `with fxdepass.ablate(...)`: the ablation zeroes heads or neurons through hooks "
+                "in the model's own forward, which the decomposed pass (the graph captured at compile()) does not run, "
+                "so it would explain the unablated model while the model's logits are ablated; attribute outside "
+                "the ablate block and compare (an ablated head's effect is the change of the model's logits)")
+        changes = sorted([f"added on {p or '<root>'} ({kind})" for p, kind, _ in now.keys() - captured.hooks.keys()]
+                         + [f"removed from {p or '<root>'} ({kind})" for p, kind, _ in captured.hooks.keys() - now.keys()])
+        raise ModelChangedError(
+            f"forward hooks changed since compile(): {', '.join(changes)}; the decomposed pass runs the graph captured "
+            "then, with the hooks it had, so it would not explain the model as it now runs: restore the hooks, or "
+            "compile the model again with them in place")
 
     def locations_of(self, captured: CapturedModel) -> Locations:
         """The :class:`~fxdepass.locations.Locations` of one capture."""
@@ -725,14 +798,9 @@ class DecomposedModel:
         ids = torch.randint(0, self.vocab_size or 2, (1, 6), generator=torch.Generator().manual_seed(2))
         given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         given = {**{k: v for k, v in given.items() if k in self.input_names}, **run_options(self.model)}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                own = self.model(**given)[0]
-                fed = self.model(**given, position_ids=torch.arange(6).unsqueeze(0))[0]
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            own = self.model(**given)[0]
+            fed = self.model(**given, position_ids=torch.arange(6).unsqueeze(0))[0]
         return bool(torch.equal(own, fed))
 
     @functools.cached_property
@@ -741,13 +809,8 @@ class DecomposedModel:
         ids = torch.randint(0, self.vocab_size or 2, (1, 8), generator=torch.Generator().manual_seed(1))
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % (self.vocab_size or 2)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                first, second = (self.model(**self._inputs(x), **run_options(self.model))[0] for x in (ids, changed))
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            first, second = (self.model(**self._inputs(x), **run_options(self.model))[0] for x in (ids, changed))
         return bool(torch.equal(first[:, :-1], second[:, :-1]))
 
     def attribute_dataset(self, prompts: Sequence[Any], *, batch_size: int = 8, targets: Any = None,
@@ -785,14 +848,9 @@ class DecomposedModel:
         generate_kwargs.setdefault("do_sample", False)
         if getattr(config, "pad_token_id", None) is None:
             generate_kwargs.setdefault("pad_token_id", getattr(config, "eos_token_id", None) or 0)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                sequence = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                               **generate_kwargs)
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            sequence = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                           **generate_kwargs)
         sequence = sequence[:, : ids.shape[1] + max_new_tokens].to(ids.device)
         length = sequence.shape[1] - 1
         generated = TokenAt(tuple(sequence[0, ids.shape[1]:].tolist()))
@@ -931,6 +989,28 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
         module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
                                        real_outputs, routing)
     return module.meta[key]
+
+
+def _has_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _rebind(module: torch.fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
+    """Make ``module``'s attribute at ``path`` (if it reads one there) ``tensor``: a parameter stays one, any
+    other tensor is a buffer, as ``torch.fx.GraphModule`` keeps them."""
+    owner_path, _, field = path.rpartition(".")
+    if not _has_submodule(module, owner_path) or not hasattr(module.get_submodule(owner_path), field):
+        return  # no node of this module reads it
+    owner = module.get_submodule(owner_path)
+    delattr(owner, field)
+    if isinstance(tensor, torch.nn.Parameter):
+        owner.register_parameter(field, tensor)
+    else:
+        owner.register_buffer(field, tensor)
 
 
 def _numel(shape: list[sympy.Expr] | None) -> sympy.Expr:
