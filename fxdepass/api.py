@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -236,17 +238,15 @@ class DecomposedModel:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
         if attention not in ATTENTIONS:
             raise InvalidInputError(f"attention={attention!r}; choose one of {ATTENTIONS}")
-        if not temperature > 0:
-            raise InvalidInputError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.tokenizer = tokenizer
         self.causal_blocks = int(causal_blocks)
         self.torch_compile = bool(torch_compile)
-        self.policy = Policy(activation, float(temperature), attention)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = dtype or self.model_dtype
+        self.policy = Policy(activation, _checked_temperature(temperature, self.dtype), attention)
         self._explicit_dtype = dtype is not None
         self.input_names = model_inputs(model)
         if "input_ids" not in self.input_names:
@@ -570,11 +570,11 @@ class DecomposedModel:
         target_rows = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1])) * head[0].shape[0]
         plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict, target_rows=target_rows)
         estimate = self._check_memory(module, captured, ids, plan, memory_limit, len(labels) if labels else ids.shape[1] + 1)
+        blocked_run = (dict(symbol=captured.sequence_length.node.expr, batch=captured.batch_symbol, blocks=blocks,
+                            last_position_only=restrict) if blocked or restrict or sliced else None)  # each needs a dynamic length
         with torch.no_grad():
-            if blocked or restrict or sliced:  # each needs a dynamic sequence length
-                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
-                                            last_position_only=restrict)
-                outputs = runner.run(*arguments)
+            if blocked_run is not None:
+                outputs = BlockedInterpreter(module, **blocked_run).run(*arguments)
             elif self.torch_compile:
                 if "compiled" not in module.meta:
                     module.meta["compiled"] = torch.compile(module, dynamic=True)
@@ -610,7 +610,7 @@ class DecomposedModel:
                 results[name] = Attribution(parts, value, **common, targets=wanted, target_labels=titles)
             else:
                 results[name] = Attribution(*reversed(read(name, reads[name])), **common)
-        self._check(results, module, arguments, strict)
+        self._check(results, module, arguments, strict, blocked_run)
         self._describe(list(results.values()), seed, captured, ids, attention_mask, texts)
         return results[names[0]] if isinstance(readout, str) else results
 
@@ -671,8 +671,10 @@ class DecomposedModel:
                   else Token(int(logits[b, -1].argmax())).label(self.tokenizer) for b, t in enumerate(targets)]
         return parts.unsqueeze(-1), value.unsqueeze(-1), titles
 
-    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool) -> None:
-        """Check finiteness and the reconstruction of every result; explain a failure by its first node."""
+    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool,
+               blocked_run: dict[str, Any] | None) -> None:
+        """Check finiteness and the reconstruction of every result; explain a failure by its first node, found by
+        running the pass again as it ran (``blocked_run``: the options of the BlockedInterpreter it ran in)."""
         tolerance = TOLERANCE.get(self.dtype, 1e-2)
         # NaN or inf in any component makes the sum over components non-finite, so the check reads the sum (one
         # value per output entry) instead of the components, whose temporaries would cost the pass's peak.
@@ -681,7 +683,13 @@ class DecomposedModel:
         errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
         if finite and all(e <= tolerance for e in errors.values()):
             return
-        found = diagnose(module, arguments, tolerance)
+        found = (diagnose(module, arguments, tolerance) if blocked_run is None
+                 else diagnose(module, arguments, tolerance, BlockedInterpreter, **blocked_run))
+        if not finite and found.decomposition:
+            raise InvalidInputError(
+                f"the decomposed pass produced NaN or inf first at {found.not_finite}, where the model's own value is "
+                "finite: the components there overflow (a seed's values or a split far larger than the model's "
+                "activations, an extreme temperature); try dtype=torch.float64 or smaller seed values")
         if not finite:
             raise InvalidInputError(
                 "the pass produced NaN or inf" + (f", first at {found.not_finite}" if found.not_finite else "")
@@ -989,6 +997,30 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
         module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
                                        real_outputs, routing)
     return module.meta[key]
+
+
+def _checked_temperature(temperature: Any, dtype: torch.dtype) -> float:
+    """``temperature`` as a float, if the softmax allocation can use it in ``dtype``: both its forms scale by
+    ``1/temperature`` (rules/activations.py, fxdepass/blocked.py), which must be a normal number of the dtype.
+
+    >>> _checked_temperature(0.1, torch.float32)
+    0.1
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise InvalidInputError(f"temperature must be a positive number, got {temperature!r}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"temperature must be a positive finite number, got {value}")
+    if not dtype.is_floating_point:
+        return value  # the dtype itself is refused where it is checked
+    info = torch.finfo(dtype)
+    low, high = 1 / info.max, 1 / info.tiny
+    if not low <= value <= high:
+        raise InvalidInputError(
+            f"temperature={value:g} does not fit {str(dtype).removeprefix('torch.')}: the allocation scales by "
+            f"1/temperature, which would be outside [{info.tiny:.3g}, {info.max:.3g}]; use a temperature in "
+            f"[{low:.3g}, {high:.3g}]" + ("" if dtype == torch.float64 else " or dtype=torch.float64"))
+    return value
 
 
 def _has_submodule(model: torch.nn.Module, path: str) -> bool:
