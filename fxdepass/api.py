@@ -674,7 +674,7 @@ class DecomposedModel:
     def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool,
                blocked_run: dict[str, Any] | None) -> None:
         """Check finiteness and the reconstruction of every result; explain a failure by its first node, found by
-        running the pass again as it ran (``blocked_run``: the options of the BlockedInterpreter it ran in)."""
+        running the pass again, as it ran where needed (``blocked_run``: the options of the BlockedInterpreter it ran in)."""
         tolerance = TOLERANCE.get(self.dtype, 1e-2)
         # NaN or inf in any component makes the sum over components non-finite, so the check reads the sum (one
         # value per output entry) instead of the components, whose temporaries would cost the pass's peak.
@@ -683,8 +683,11 @@ class DecomposedModel:
         errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
         if finite and all(e <= tolerance for e in errors.values()):
             return
-        found = (diagnose(module, arguments, tolerance) if blocked_run is None
-                 else diagnose(module, arguments, tolerance, BlockedInterpreter, **blocked_run))
+        # the dense module first (every value whole, so the first wrong node is exact); where it does not
+        # reproduce the failure, the runner that failed (it computes differently: fxdepass/diagnose.py)
+        found = diagnose(module, arguments, tolerance)
+        if blocked_run is not None and (found.not_finite is None if not finite else found.diverges is None):
+            found = diagnose(module, arguments, tolerance, BlockedInterpreter, **blocked_run)
         if not finite and found.decomposition:
             raise InvalidInputError(
                 f"the decomposed pass produced NaN or inf first at {found.not_finite}, where the model's own value is "

@@ -1,7 +1,10 @@
 """Diagnosis: where a decomposed pass goes wrong — the first node whose components stop summing to
-its real value, or the first node whose value is not finite.  Only run when a check has failed, and
-by the same runner that failed (the dense module's interpreter or fxdepass/blocked.py's), since the
-runners compute differently: a value one of them gets wrong the other may get right."""
+its real value, or the first node whose value is not finite.  Only run when a check has failed: by the
+dense module's interpreter, which holds every value whole, and where that does not reproduce the
+failure by the runner that failed (fxdepass/blocked.py's), since the runners compute differently: a
+value one of them gets wrong the other may get right.  That runner holds some values only in neuron
+slices or component chunks, which cannot be compared with their real value, so its divergence may be
+found a few nodes late."""
 from __future__ import annotations
 
 import dataclasses
