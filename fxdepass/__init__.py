@@ -17,6 +17,7 @@ from .errors import (
     InvalidReadoutError,
     InvalidSeedError,
     MissingDependencyError,
+    ModelChangedError,
     ModelNotFoundError,
     OutOfMemoryEstimateError,
     ReconstructionError,
@@ -56,5 +57,6 @@ __all__ = [
     "Seed", "Tokens", "Heads", "Neurons", "Modules", "DirectHeads", "DirectModules", "Subspace", "Custom",
     "FxDePassError", "UnsupportedOpError", "CaptureError", "InvalidSeedError", "InvalidReadoutError",
     "InvalidInputError", "OutOfMemoryEstimateError", "ReconstructionError", "ModelNotFoundError",
+    "ModelChangedError",
 ]
 __version__ = "0.1.0"

@@ -43,6 +43,8 @@ def _zero_features(features: torch.Tensor) -> Any:
         x = args[0]
         return (x.index_fill(-1, features.to(x.device), 0.0), *args[1:])  # a no-op but under device_map
 
+    # DecomposedModel.attribute refuses to run while this hook is on (Note [Following the live model] in fxdepass/api.py)
+    hook.fxdepass_ablation = True
     return hook
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -12,12 +14,14 @@ import torch.fx
 
 from . import shards
 from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
-from .capture import CapturedModel, capture, cast_floats, model_device, model_inputs, position_limit, probe_ids, run_options
+from .capture import (CapturedModel, capture, cast_floats, evaluating, forward_hooks, model_device, model_inputs,
+                      position_limit, probe_ids, run_options, stamp)
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
     InvalidInputError,
     InvalidReadoutError,
+    ModelChangedError,
     OutOfMemoryEstimateError,
     ReconstructionError,
 )
@@ -235,17 +239,15 @@ class DecomposedModel:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
         if attention not in ATTENTIONS:
             raise InvalidInputError(f"attention={attention!r}; choose one of {ATTENTIONS}")
-        if not temperature > 0:
-            raise InvalidInputError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.tokenizer = tokenizer
         self.causal_blocks = int(causal_blocks)
         self.torch_compile = bool(torch_compile)
-        self.policy = Policy(activation, float(temperature), attention)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = model_device(model)
         self.dtype = dtype or self.model_dtype
+        self.policy = Policy(activation, _checked_temperature(temperature, self.dtype), attention)
         self._explicit_dtype = dtype is not None
         self.input_names = model_inputs(model)
         if "input_ids" not in self.input_names:
@@ -269,10 +271,13 @@ class DecomposedModel:
         return probe_ids(self.model, (2, 8))
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> CapturedModel:
+        """The capture serving these inputs (made on first use), following the model as it is now."""
         batch, length = inputs["input_ids"].shape
         key = None if (self._dynamic and length >= 2) else (batch, length)
         if key in self._captures:
-            return self._captures[key]
+            captured = self._captures[key]
+            self._follow_model(captured)
+            return captured
         try:
             captured = capture(self.model, inputs, dynamic=key is None)
         except CaptureError:
@@ -280,14 +285,82 @@ class DecomposedModel:
                 raise
             self._dynamic, key = False, (batch, length)
             captured = capture(self.model, inputs, dynamic=False)
-        if self._explicit_dtype or self.dtype == torch.float64:  # SPEC §5: no casts to lower precision
+        if self._casts:  # SPEC §5: no casts to lower precision
             cast_floats(captured.graph, self.dtype)
-            captured.tensors = {
-                name: (target, t.detach().to(self.dtype) if t.is_floating_point() else t)
-                for name, (target, t) in captured.tensors.items()
-            }
+            captured.tensors = {name: (target, self._held(t)) for name, (target, t) in captured.tensors.items()}
         self._captures[key] = captured
         return captured
+
+    @property
+    def _casts(self) -> bool:
+        """Whether the passes run in a dtype of their own (SPEC §5), on copies of the model's tensors."""
+        return self._explicit_dtype or self.dtype == torch.float64
+
+    def _held(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor the passes read for one of the model's: itself, or its copy in the compute dtype."""
+        return tensor.detach().to(self.dtype) if self._casts and tensor.is_floating_point() else tensor
+
+    # Note [Following the live model]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A capture holds the model's parameters and buffers as they were at compile time: the tensors
+    # themselves, or (float64 mode) copies in the compute dtype, which no later edit of the model
+    # reaches.  An attribution must explain the model as it is when it is asked for, so every use of a
+    # capture first compares each tensor's stamp (fxdepass/capture.py: the object, its storage, its
+    # version counter) with the model's tensor at the same path: an in-place edit, ``param.data = …``,
+    # ``load_state_dict`` (plain or ``assign=True``) all change it, and only the changed tensors are
+    # copied again and rebound in the generated modules, so an unchanged model costs one look per
+    # tensor.  (A write through ``param.data`` in place bumps a version counter of its own, not the
+    # parameter's: in float64 mode such an edit stays unseen; edit under ``torch.no_grad()`` instead.)
+    # What the graph itself assumes cannot be followed and is refused: a tensor's new shape or device (or
+    # dtype, outside float64 mode), and forward hooks added or removed since the capture (the graph runs
+    # the hooks that were there when it was captured; ``fxdepass.ablate``'s zeroing is such a hook, so
+    # the decomposed pass would explain the unablated model while the model's own logits are ablated).
+
+    def _follow_model(self, captured: CapturedModel) -> None:
+        """Refuse a model changed in a way ``captured`` cannot follow; bring its tensors, and its generated
+        modules', up to date with the model's (Note [Following the live model])."""
+        self._check_hooks(captured)
+        changed: dict[str, torch.Tensor] = {}
+        for name, before in captured.stamps.items():
+            path = captured.tensors[name][0]
+            owner, _, field = path.rpartition(".")
+            live = getattr(self.model.get_submodule(owner), field, None) if _has_submodule(self.model, owner) else None
+            if not isinstance(live, torch.Tensor):
+                raise ModelChangedError(f"the model no longer has the tensor {path} it had at compile(); compile it again")
+            now = stamp(live)
+            if now.same(before):
+                continue
+            (shape, dtype, device), (was_shape, was_dtype, was_device) = now.layout, before.layout
+            if shape != was_shape or device != was_device or (dtype != was_dtype and not self._casts):
+                raise ModelChangedError(
+                    f"the model's {path} is now {list(shape)} {dtype} on {device}, but was {list(was_shape)} {was_dtype} "
+                    f"on {was_device} at compile(); compile the model again")
+            held = self._held(live)
+            captured.tensors[name], captured.stamps[name] = (path, held), now
+            changed[path] = held
+        if changed:
+            for (of, _, _), (module, _) in self._modules.items():
+                if of == id(captured):
+                    for path, tensor in changed.items():
+                        _rebind(module, path, tensor)
+
+    def _check_hooks(self, captured: CapturedModel) -> None:
+        """Refuse forward hooks added or removed since ``captured`` was made (Note [Following the live model])."""
+        now = forward_hooks(self.model)
+        if now.keys() == captured.hooks.keys():
+            return
+        if any(getattr(now[key], "fxdepass_ablation", False) for key in now.keys() - captured.hooks.keys()):
+            raise ModelChangedError(
+                "attribute() inside `with fxdepass.ablate(...)`: the ablation zeroes heads or neurons through hooks "
+                "in the model's own forward, which the decomposed pass (the graph captured at compile()) does not run, "
+                "so it would explain the unablated model while the model's logits are ablated; attribute outside "
+                "the ablate block and compare (an ablated head's effect is the change of the model's logits)")
+        changes = sorted([f"added on {p or '<root>'} ({kind})" for p, kind, _ in now.keys() - captured.hooks.keys()]
+                         + [f"removed from {p or '<root>'} ({kind})" for p, kind, _ in captured.hooks.keys() - now.keys()])
+        raise ModelChangedError(
+            f"forward hooks changed since compile(): {', '.join(changes)}; the decomposed pass runs the graph captured "
+            "then, with the hooks it had, so it would not explain the model as it now runs: restore the hooks, or "
+            "compile the model again with them in place")
 
     def locations_of(self, captured: CapturedModel) -> Locations:
         """The :class:`~fxdepass.locations.Locations` of one capture."""
@@ -511,11 +584,11 @@ class DecomposedModel:
             count = max(shard.rows(count - 1))  # the most any process holds
         with shards.together(shard):
             estimate = self._check_memory(module, captured, ids, plan, memory_limit, count)
+        blocked_run = (dict(symbol=captured.sequence_length.node.expr, batch=captured.batch_symbol, blocks=blocks,
+                            last_position_only=restrict) if blocked or restrict or sliced else None)  # each needs a dynamic length
         with torch.no_grad(), shards.sharded(shard):
-            if blocked or restrict or sliced:  # each needs a dynamic sequence length
-                runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks,
-                                            last_position_only=restrict)
-                outputs = runner.run(*arguments)
+            if blocked_run is not None:
+                outputs = BlockedInterpreter(module, **blocked_run).run(*arguments)
             elif self.torch_compile:
                 if "compiled" not in module.meta:
                     module.meta["compiled"] = torch.compile(module, dynamic=True)
@@ -555,7 +628,7 @@ class DecomposedModel:
                 results[name] = Attribution(parts, value, **common, targets=wanted, target_labels=titles)
             else:
                 results[name] = Attribution(*reversed(read(name, reads[name])), **common)
-        self._check(results, module, arguments, strict)
+        self._check(results, module, arguments, strict, blocked_run)
         self._describe(list(results.values()), seed, captured, ids, attention_mask, texts)
         return results[names[0]] if isinstance(readout, str) else results
 
@@ -616,8 +689,10 @@ class DecomposedModel:
                   else Token(int(logits[b, -1].argmax())).label(self.tokenizer) for b, t in enumerate(targets)]
         return parts.unsqueeze(-1), value.unsqueeze(-1), titles
 
-    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool) -> None:
-        """Check finiteness and the reconstruction of every result; explain a failure by its first node."""
+    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool,
+               blocked_run: dict[str, Any] | None) -> None:
+        """Check finiteness and the reconstruction of every result; explain a failure by its first node, found by
+        running the pass again, as it ran where needed (``blocked_run``: the options of the BlockedInterpreter it ran in)."""
         tolerance = TOLERANCE.get(self.dtype, 1e-2)
         # NaN or inf in any component makes the sum over components non-finite, so the check reads the sum (one
         # value per output entry) instead of the components, whose temporaries would cost the pass's peak.
@@ -626,7 +701,16 @@ class DecomposedModel:
         errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
         if finite and all(e <= tolerance for e in errors.values()):
             return
+        # the dense module first (every value whole, so the first wrong node is exact); where it does not
+        # reproduce the failure, the runner that failed (it computes differently: fxdepass/diagnose.py)
         found = diagnose(module, arguments, tolerance)
+        if blocked_run is not None and (found.not_finite is None if not finite else found.diverges is None):
+            found = diagnose(module, arguments, tolerance, BlockedInterpreter, **blocked_run)
+        if not finite and found.decomposition:
+            raise InvalidInputError(
+                f"the decomposed pass produced NaN or inf first at {found.not_finite}, where the model's own value is "
+                "finite: the components there overflow (a seed's values or a split far larger than the model's "
+                "activations, an extreme temperature); try dtype=torch.float64 or smaller seed values")
         if not finite:
             raise InvalidInputError(
                 "the pass produced NaN or inf" + (f", first at {found.not_finite}" if found.not_finite else "")
@@ -747,14 +831,9 @@ class DecomposedModel:
         ids = probe_ids(self.model, (1, 6), offset=17)
         given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         given = {**{k: v for k, v in given.items() if k in self.input_names}, **run_options(self.model)}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                own = self.model(**given)[0]
-                fed = self.model(**given, position_ids=torch.arange(6, device=ids.device).unsqueeze(0))[0]
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            own = self.model(**given)[0]
+            fed = self.model(**given, position_ids=torch.arange(6, device=ids.device).unsqueeze(0))[0]
         return bool(torch.equal(own, fed))
 
     @functools.cached_property
@@ -763,13 +842,8 @@ class DecomposedModel:
         ids = probe_ids(self.model, (1, 8), offset=23)
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % (self.vocab_size or 2)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                first, second = (self.model(**self._inputs(x), **run_options(self.model))[0] for x in (ids, changed))
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            first, second = (self.model(**self._inputs(x), **run_options(self.model))[0] for x in (ids, changed))
         return bool(torch.equal(first[:, :-1], second[:, :-1]))
 
     def attribute_dataset(self, prompts: Sequence[Any], *, batch_size: int = 8, targets: Any = None,
@@ -807,14 +881,9 @@ class DecomposedModel:
         generate_kwargs.setdefault("do_sample", False)
         if getattr(config, "pad_token_id", None) is None:
             generate_kwargs.setdefault("pad_token_id", getattr(config, "eos_token_id", None) or 0)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                sequence = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                               **generate_kwargs)
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), evaluating(self.model):
+            sequence = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                           **generate_kwargs)
         sequence = sequence[:, : ids.shape[1] + max_new_tokens].to(ids.device)
         length = sequence.shape[1] - 1
         generated = TokenAt(tuple(sequence[0, ids.shape[1]:].tolist()))
@@ -953,6 +1022,52 @@ def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _V
         module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
                                        real_outputs, routing)
     return module.meta[key]
+
+
+def _checked_temperature(temperature: Any, dtype: torch.dtype) -> float:
+    """``temperature`` as a float, if the softmax allocation can use it in ``dtype``: both its forms scale by
+    ``1/temperature`` (rules/activations.py, fxdepass/blocked.py), which must be a normal number of the dtype.
+
+    >>> _checked_temperature(0.1, torch.float32)
+    0.1
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise InvalidInputError(f"temperature must be a positive number, got {temperature!r}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"temperature must be a positive finite number, got {value}")
+    if not dtype.is_floating_point:
+        return value  # the dtype itself is refused where it is checked
+    info = torch.finfo(dtype)
+    low, high = 1 / info.max, 1 / info.tiny
+    if not low <= value <= high:
+        raise InvalidInputError(
+            f"temperature={value:g} does not fit {str(dtype).removeprefix('torch.')}: the allocation scales by "
+            f"1/temperature, which would be outside [{info.tiny:.3g}, {info.max:.3g}]; use a temperature in "
+            f"[{low:.3g}, {high:.3g}]" + ("" if dtype == torch.float64 else " or dtype=torch.float64"))
+    return value
+
+
+def _has_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _rebind(module: torch.fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
+    """Make ``module``'s attribute at ``path`` (if it reads one there) ``tensor``: a parameter stays one, any
+    other tensor is a buffer, as ``torch.fx.GraphModule`` keeps them."""
+    owner_path, _, field = path.rpartition(".")
+    if not _has_submodule(module, owner_path) or not hasattr(module.get_submodule(owner_path), field):
+        return  # no node of this module reads it
+    owner = module.get_submodule(owner_path)
+    delattr(owner, field)
+    if isinstance(tensor, torch.nn.Parameter):
+        owner.register_parameter(field, tensor)
+    else:
+        owner.register_buffer(field, tensor)
 
 
 def _numel(shape: list[sympy.Expr] | None) -> sympy.Expr:

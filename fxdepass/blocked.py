@@ -68,6 +68,15 @@ subnormals) and NaN where ``z = 0``, and ``nan_to_num`` turns that NaN into −i
 exclusion fills two slices of its own row.  A position whose maximum stays −inf has no component
 present: its rest takes everything.  The temperature is applied in the subtraction of the maximum,
 ``z/T − max/T``, then ``exp``: seven arithmetic passes where there were nine, three of them masks.
+
+That one pass (``add`` with ``alpha``, a fused multiply-add) rounds ``z/T`` and ``max/T`` differently,
+so at the maximum the exponent is not exactly 0 but off by about ``|max/T|·eps``: nothing while that
+is small, but at tiny temperatures (1e-20 in float64, 1e-12 in float32) it reaches hundreds, and the
+shares overflow to inf or all underflow to 0 (NaN after normalising), where the dense rule, which
+scales first and lets the softmax subtract its maximum, stays finite.  Where ``max|z|/T·eps`` exceeds
+:data:`ROUNDED_EXPONENT` the runner therefore subtracts first, ``(z − max)·(1/T)``, exactly 0 at the
+maximum and at most 0 elsewhere (one pass more); below it both forms err by that much, as the dense
+rule's own rounding of ``z/T`` does.
 """
 from __future__ import annotations
 
@@ -96,6 +105,8 @@ aten = torch.ops.aten
 #: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
 #: memory, narrower ones re-read the input and re-write the output once more per slice
 SLICE_WIDTH = 0.5
+#: largest error, in the exponent, of the softmax allocation's one-pass ``z/T − max/T`` (Note [Allocation without masks])
+ROUNDED_EXPONENT = 1e-3
 #: component ops whose result is a fresh tensor: readers of a residual that leave it free to update
 _FRESH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 #: chunks of components a one-block stretch from the residual to its output projection runs in
@@ -766,11 +777,16 @@ class BlockedInterpreter(torch.fx.Interpreter):
         if self.holds_rest:
             logits[0][-1].masked_fill_(stat(0, nothing), 0.0)
         top.masked_fill_(nothing, 0.0)
-        lowered = top.mul_(-scale)
+        # one pass (z/T − max/T) unless its rounding could blow up at a tiny temperature
+        one_pass = scale * float(top.abs().max()) * torch.finfo(top.dtype).eps <= ROUNDED_EXPONENT
+        lowered = top.mul_(-scale) if one_pass else top
         total = torch.zeros_like(top)
         for k, logit in enumerate(logits):
-            torch.add(stat(k, lowered), logit, alpha=scale, out=logit).exp_()
-            stat(k, total).add_(logit.sum(0))
+            if one_pass:
+                torch.add(stat(k, lowered), logit, alpha=scale, out=logit)
+            else:  # subtract first: exactly 0 at the maximum, however small the temperature
+                torch.sub(logit, stat(k, top), out=logit).mul_(scale)
+            stat(k, total).add_(logit.exp_().sum(0))
         ratio = activation / registry.across_components(total, "sum")
         starts = self._starts_for(node)
         parts = []

@@ -6,11 +6,12 @@ serves every input shape; otherwise :func:`capture` is called once per shape (th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.fx
@@ -18,8 +19,8 @@ import torch.utils._pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["CapturedModel", "capture", "model_inputs", "model_device", "probe_ids", "position_limit", "run_options",
-           "cast_floats"]
+__all__ = ["CapturedModel", "capture", "evaluating", "forward_hooks", "stamp", "Stamp", "model_inputs", "model_device",
+           "probe_ids", "position_limit", "run_options", "cast_floats"]
 
 #: Model inputs fxdepass passes when the model's ``forward`` accepts them.
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -40,6 +41,10 @@ class CapturedModel:
     batch_size: Any
     sequence_length: Any
     dynamic: bool
+    #: placeholder name → :func:`stamp` of the model's parameter or buffer it was taken from (constants have none)
+    stamps: dict[str, Stamp] = dataclasses.field(default_factory=dict)
+    #: the model's forward hooks when it was captured (:func:`forward_hooks`): the graph runs them as they were
+    hooks: dict[tuple[str, str, int], Any] = dataclasses.field(default_factory=dict)
 
     @property
     def batch_symbol(self) -> Any:
@@ -74,6 +79,42 @@ class CapturedModel:
             elif not isinstance(self.sequence_length, torch.SymInt) and isinstance(dim, int) and dim > self.sequence_length:
                 found.append((axis, dim - self.sequence_length))
         return found[0] if len(found) == 1 else None
+
+
+class Stamp(NamedTuple):
+    """What tells that a model's tensor has changed (Note [Following the live model] in fxdepass/api.py)."""
+
+    #: the tensor object: a parameter replaced (``load_state_dict(assign=True)``, assignment) is another one
+    tensor: torch.Tensor
+    #: its storage: ``param.data = …`` swaps it
+    storage: int
+    #: its version counter: every in-place write through it, ``load_state_dict``'s copy included
+    version: int
+    #: shape, dtype and device, which the captured graph assumes
+    layout: tuple[tuple[int, ...], torch.dtype, torch.device]
+
+    def same(self, other: "Stamp") -> bool:
+        return self.tensor is other.tensor and self[1:] == other[1:]
+
+
+def stamp(tensor: torch.Tensor) -> Stamp:
+    """The :class:`Stamp` of ``tensor`` now.
+
+    >>> w = torch.zeros(2); before = stamp(w); _ = w.add_(1); stamp(w).same(before)
+    False
+    """
+    return Stamp(tensor, tensor.data_ptr(), tensor._version, (tuple(tensor.shape), tensor.dtype, tensor.device))
+
+
+def forward_hooks(model: torch.nn.Module) -> dict[tuple[str, str, int], Any]:
+    """Every forward and forward-pre hook on ``model``'s modules: (module path, kind, handle id) → hook.
+
+    >>> forward_hooks(torch.nn.Linear(2, 2))
+    {}
+    """
+    return {(path, kind, key): hook for path, module in model.named_modules()
+            for kind, hooks in (("forward", module._forward_hooks), ("forward-pre", module._forward_pre_hooks))
+            for key, hook in hooks.items()}
 
 
 def _same_size(dim: Any, size: Any) -> bool:
@@ -149,6 +190,36 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+# Note [Every module's own mode]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# fxdepass runs the model in eval mode (no dropout) but must hand it back as it came.  Saving the
+# root's ``training`` and calling ``model.train(saved)`` afterwards is not that: ``train`` sets every
+# submodule's flag to the root's, so a root in eval mode with one MLP in train mode would come back
+# with that MLP in eval mode.  :func:`evaluating` saves each module's own flag and restores it by
+# assignment (not through ``train``, which would recurse and could run a module's override again).
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the context ``model`` is in eval mode; afterwards every module has its own training flag back
+    (Note [Every module's own mode]).  Every place fxdepass runs or exports the model goes through this.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).eval(); _ = model[1].train()
+    >>> with evaluating(model):
+    ...     model[1].training
+    False
+    >>> model.training, model[1].training
+    (False, True)
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 # Note [Export without autograd]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # Exported with autograd on, a ``torch.no_grad()`` region inside the model (HRM runs its early
@@ -170,10 +241,9 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
         batch = torch.export.Dim("batch", min=1, max=1024)
         sequence = torch.export.Dim("sequence", min=2, max=max(limit or 4096, 3))
         shapes = {k: ({0: batch, 1: sequence} if k in example else None) for k in kwargs}
-    was_training = model.training
-    model.eval()
+    hooks = forward_hooks(model)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), evaluating(model):
             warnings.simplefilter("ignore")
             with torch.no_grad():  # Note [Export without autograd]
                 program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
@@ -185,9 +255,9 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
             "load the model with attn_implementation='eager' or 'sdpa', or pass static shapes "
             "(fxdepass.compile(..., example_inputs=...) with the exact prompt shape)."
         ) from error
-    finally:
-        model.train(was_training)
-    return _captured(model, program, example, dynamic)
+    captured = _captured(model, program, example, dynamic)
+    captured.hooks = hooks
+    return captured
 
 
 def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Tensor], dynamic: bool) -> CapturedModel:
@@ -196,13 +266,13 @@ def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Ten
     graph = program.graph_module.graph
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    stamps: dict[str, Stamp] = {}
     inputs: list[str] = []
     for spec in program.graph_signature.input_specs:
         name = spec.arg.name
-        if spec.kind == InputKind.PARAMETER:
-            tensors[name] = (spec.target, model.get_parameter(spec.target))
-        elif spec.kind == InputKind.BUFFER:
-            tensors[name] = (spec.target, model.get_buffer(spec.target))
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            tensor = model.get_parameter(spec.target) if spec.kind == InputKind.PARAMETER else model.get_buffer(spec.target)
+            tensors[name], stamps[name] = (spec.target, tensor), stamp(tensor)
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             tensors[name] = (spec.target, program.constants[spec.target])
         elif spec.kind == InputKind.USER_INPUT and name in example:
@@ -214,7 +284,7 @@ def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Ten
     outputs = {_output_name(path): node for path, node in pytree.tree_flatten_with_path(structured)[0]
                if isinstance(node, torch.fx.Node)}
     shape = placeholders["input_ids"].meta["val"].shape
-    return CapturedModel(graph, tensors, inputs, outputs, shape[0], shape[1], dynamic)
+    return CapturedModel(graph, tensors, inputs, outputs, shape[0], shape[1], dynamic, stamps)
 
 
 def _output_name(path: tuple) -> str:

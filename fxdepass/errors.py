@@ -50,6 +50,11 @@ class ReconstructionError(FxDePassError):
     """The components do not sum to the real value within the tolerance."""
 
 
+class ModelChangedError(FxDePassError):
+    """The model changed since :func:`fxdepass.compile` in a way the decomposed pass cannot follow (a tensor's
+    shape, dtype or device; forward hooks added or removed, ``fxdepass.ablate``'s included)."""
+
+
 class ModelNotFoundError(FxDePassError):
     """A model name, path or Hub id that does not lead to a loadable model (nothing is downloaded)."""
 

@@ -10,6 +10,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 import families
 import fxdepass
 from conftest import load_tool, relative_error
+from probes import assert_same_state, model_state
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +45,45 @@ def test_padded_batch_equals_each_prompt_alone(family: str, side: str) -> None:
         assert (components[padding] == 0).all()  # padding tokens contribute exactly nothing
 
 
-def test_model_is_untouched(llama) -> None:
-    model = copy.deepcopy(llama).train()
+@pytest.mark.parametrize("root", ["eval", "train"])
+def test_model_is_untouched(llama, root: str, monkeypatch) -> None:
+    """compile, attribute, ablate (the first on a plain model captures it), generate_attributed and a failed
+    capture leave every module's own training flag, every hook, parameter and buffer as they were."""
+    model = copy.deepcopy(llama).train(root == "train")
+    model.model.layers[0].mlp.train(root != "train")           # a submodule in the other mode than the root
+    model.model.layers[1].self_attn.o_proj.train(root != "train")
     model.model.layers[0].register_forward_hook(lambda *a: None)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {k: p.requires_grad for k, p in model.named_parameters()}
-    config = model.config.to_dict()
-    hooks = len(model.model.layers[0]._forward_hooks)
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: None)
+    model.model.layers[0].self_attn.register_full_backward_hook(lambda *a: None)
+    model.model.norm.weight.requires_grad_(False)
+    before = model_state(model)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
+    assert_same_state(before, model_state(model))
     decomposed.attribute(torch.tensor([[1, 2, 3, 4]]), positions="all", targets="all")
     decomposed.attribute(torch.tensor([[5, 6, 7]]), positions="all", targets="all", seed=fxdepass.tokens(sink=False))
-    assert model.training
-    assert model.config.to_dict() == config
-    assert len(model.model.layers[0]._forward_hooks) == hooks
-    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    decomposed.attribute(torch.tensor([[5, 6, 7], [1, 2, 3]]), readout=["logits", "layers"])   # the dense module
+    assert_same_state(before, model_state(model))
+    with fxdepass.ablate(decomposed, heads={0: [1]}, neurons={1: [2]}):
+        pass
+    with fxdepass.ablate(model, heads={1: [0]}):
+        pass
+    decomposed.generate_attributed(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    assert_same_state(before, model_state(model))
+
+    def fails(exported, *args, **kwargs):
+        assert not any(m.training for m in exported.modules())  # exported in eval mode
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(torch.export, "export", fails)
+    with pytest.raises(fxdepass.CaptureError, match="export failed"):
+        fxdepass.compile(model)
+    assert_same_state(before, model_state(model))
+    other = copy.deepcopy(model)    # not yet captured for ablation
+    before = model_state(other)
+    with pytest.raises(fxdepass.CaptureError, match="export failed"):
+        with fxdepass.ablate(other, heads={0: [1]}):
+            pass
+    assert_same_state(before, model_state(other))
 
 
 def test_generated_code_is_readable(llama64) -> None:
