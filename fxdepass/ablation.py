@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .capture import capture, model_device, model_inputs, probe_ids
+from .checks import index_groups, integer, integers
 from .errors import InvalidSeedError
 from .locations import Locations, module_path
 
@@ -36,6 +37,19 @@ def locate(model: Any) -> tuple[torch.nn.Module, Locations]:
         example = {k: v for k, v in example.items() if k in model_inputs(model)}
         _LOCATIONS[model] = Locations(capture(model, example), model)
     return model, _LOCATIONS[model]
+
+
+def _chosen(chosen: Mapping[int, Sequence[int]] | None, what: str, where: Locations) -> dict[int, tuple[int, ...]]:
+    """``ablate``'s ``heads`` or ``neurons``, checked: a mapping from layer (each once, negative from the end) to a
+    list of integer indices, e.g. ``{0: [1, 3]}``."""
+    if chosen is None:
+        return {}
+    if not isinstance(chosen, Mapping):
+        raise InvalidSeedError(f"ablate(): {what} must map layers to lists of indices, e.g. {{0: [1, 3]}}; got {chosen!r}")
+    layers = [where.layer(integer(layer, f"ablate(): a layer of {what}", InvalidSeedError)) for layer in chosen]
+    index_groups([layers], None, what=f"ablate({what}=...)", unit="layer", error=InvalidSeedError)
+    return {layer: integers(indices, f"ablate(): the {what} of layer {layer}", InvalidSeedError)
+            for layer, indices in zip(layers, chosen.values())}
 
 
 def _zero_features(features: torch.Tensor) -> Any:
@@ -63,27 +77,26 @@ def ablate(
     """
     module_root, where = locate(model)
     device = model_device(module_root)
+    heads, neurons = _chosen(heads, "heads", where), _chosen(neurons, "neurons", where)
     plans: list[tuple[torch.fx.Node, torch.Tensor]] = []
-    for layer, chosen in (heads or {}).items():
+    for layer, chosen in heads.items():
         projection = where.output_projection(layer)
         width = int(Locations.features(projection).meta["val"].shape[-1])
         count = where.num_heads
         size = width // count
-        for h in chosen:
-            if not -count <= h < count:
-                raise InvalidSeedError(f"ablate(): head {h} is out of range (layer {layer} has {count} heads)")
-        plans.append((projection, torch.tensor([(h % count) * size + i for h in chosen for i in range(size)],
-                                              dtype=torch.long, device=device)))
-    for layer, chosen in (neurons or {}).items():
+        chosen, = index_groups([chosen], count, what="ablate()", unit="head", scope=f"layer {layer} has {count} heads",
+                               error=InvalidSeedError)
+        plans.append((projection, torch.tensor([h * size + i for h in chosen for i in range(size)], dtype=torch.long,
+                                              device=device)))
+    for layer, chosen in neurons.items():
         if where.experts(layer) is not None:
             raise InvalidSeedError(f"ablate(): layer {layer} is a mixture of experts; neuron ablation "
                                    "supports dense MLPs (fxdepass.neurons(layer, expert=e) attributes experts)")
         projection = where.down_projection(layer)
         width = int(Locations.features(projection).meta["val"].shape[-1])
-        for i in chosen:
-            if not -width <= i < width:
-                raise InvalidSeedError(f"ablate(): neuron {i} is out of range (layer {layer} has {width} neurons)")
-        plans.append((projection, torch.tensor([i % width for i in chosen], dtype=torch.long, device=device)))
+        chosen, = index_groups([chosen], width, what="ablate()", unit="neuron",
+                               scope=f"layer {layer} has {width} neurons", error=InvalidSeedError)
+        plans.append((projection, torch.tensor(chosen, dtype=torch.long, device=device)))
     handles = [module_root.get_submodule(module_path(node)).register_forward_pre_hook(_zero_features(features))
                for node, features in plans]
     try:

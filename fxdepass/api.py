@@ -16,6 +16,7 @@ from . import shards
 from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
 from .capture import (CapturedModel, capture, cast_floats, evaluating, forward_hooks, model_device, model_inputs,
                       position_limit, probe_ids, run_options, stamp)
+from .checks import has_data, index_groups, integer, real
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
@@ -28,7 +29,7 @@ from .errors import (
 from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
-from .readouts import readout_nodes
+from .readouts import READOUTS, readout_nodes
 from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
@@ -156,6 +157,7 @@ class Attribution:
         ['tok 0 <pad>', 'tok 1 <pad>', "tok 2 'd'", 'rest']
         """
         count = self.input_ids.shape[0]
+        prompt = integer(prompt, "prompt")
         if not -count <= prompt < count:
             raise InvalidInputError(f"prompt {prompt} is outside the batch of {count}")
         return self.labels if self.prompt_labels is None else self.prompt_labels[prompt]
@@ -207,6 +209,7 @@ class Attribution:
 
     def top(self, k: int = 10, target: Any = None, position: int = -1) -> list[tuple[str, float]]:
         """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""
+        k = integer(k, "top(k)")
         values = self.scores(target, position)
         values = values if values.ndim == 1 else values[:, 0]
         order = values.abs().argsort(descending=True)[:k]
@@ -235,13 +238,19 @@ class DecomposedModel:
         causal_blocks: int = 8,
         torch_compile: bool = False,
     ):
+        _check_model(model)
         if activation not in ALLOCATIONS:
             raise InvalidInputError(f"activation={activation!r}; choose one of {ALLOCATIONS}")
         if attention not in ATTENTIONS:
             raise InvalidInputError(f"attention={attention!r}; choose one of {ATTENTIONS}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in TOLERANCE):
+            raise InvalidInputError(f"dtype={dtype!r}: give a floating-point torch dtype, one of "
+                                    f"{', '.join(map(str, TOLERANCE))}, or None (the model's own)")
         self.model = model
         self.tokenizer = tokenizer
-        self.causal_blocks = int(causal_blocks)
+        self.causal_blocks = integer(causal_blocks, "causal_blocks")
+        if self.causal_blocks < 0:
+            raise InvalidInputError(f"causal_blocks must be 0 or more, got {causal_blocks!r}")
         self.torch_compile = bool(torch_compile)
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
@@ -437,17 +446,21 @@ class DecomposedModel:
     def _inputs(self, ids: torch.Tensor, attention_mask: Any = None) -> dict[str, torch.Tensor]:
         if attention_mask is None:
             mask = torch.ones_like(ids)
-        else:  # a given mask is checked (reading its values: on the meta device only fxdepass's own mask works)
-            mask = torch.as_tensor(attention_mask)
-            if bool(((mask != 0) & (mask != 1)).any()):
+        else:
+            try:
+                mask = torch.as_tensor(attention_mask)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise InvalidInputError(f"attention_mask must be a tensor of 0 and 1: {error}") from None
+            if mask.device != ids.device:  # first: a mask on the meta device has no values to check
+                raise InvalidInputError(f"attention_mask is on {mask.device} but input_ids are on {ids.device}")
+            if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
                 raise InvalidInputError("attention_mask must hold 0 (padding) and 1 (token) only")
             mask = mask.long()
             if mask.ndim == 1:
                 mask = mask.unsqueeze(0)
             if mask.shape != ids.shape:
                 raise InvalidInputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-            if mask.device != ids.device:
-                raise InvalidInputError(f"attention_mask is on {mask.device} but input_ids are on {ids.device}")
+            # a given mask only (reading values: on the meta device only fxdepass's own mask works)
             if bool((mask.sum(-1) == 0).any()):
                 raise InvalidInputError("every prompt needs at least one token the attention_mask keeps")
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -510,7 +523,7 @@ class DecomposedModel:
         readout: str | Sequence[str] = "logits",
         targets: Any = None,
         positions: Any = None,
-        memory_limit: int | None = None,
+        memory_limit: float | None = None,
         strict: bool = False,
         distributed: Any = False,
         gather: str = "rank0",
@@ -544,9 +557,16 @@ class DecomposedModel:
         seed = tokens() if seed is None else seed
         if not isinstance(seed, Seed):
             raise InvalidInputError(f"seed must be an fxdepass seed such as fxdepass.tokens(), got {seed!r}")
+        if not isinstance(readout, (str, list, tuple)):
+            raise InvalidReadoutError(f"readout must be a name ({', '.join(READOUTS)}), a module path or a list of them, "
+                                      f"got {readout!r}")
         names = (readout,) if isinstance(readout, str) else tuple(readout)
         if not names:
             raise InvalidReadoutError("give at least one readout")
+        twice = next((name for k, name in enumerate(names) if name in names[:k]), None)
+        if twice is not None:
+            raise InvalidReadoutError(f"readout {twice!r} is listed twice")
+        memory_limit = _memory_limit(memory_limit)
         ids = self._validate_ids(input_ids)
         if isinstance(seed, Tokens):
             seed.check(ids.shape[1])
@@ -644,18 +664,15 @@ class DecomposedModel:
             if positions == "all":
                 return None
             positions = [length - 1]
-        listed = [positions] if not isinstance(positions, (list, tuple, range, torch.Tensor)) else list(positions)
-        listed = [int(p) if isinstance(p, torch.Tensor) and p.numel() == 1 and not p.is_floating_point() else p
-                  for p in listed]
-        if not listed or any(isinstance(p, bool) or not isinstance(p, int) for p in listed):
-            raise InvalidInputError(f"positions must be integers, got {positions!r}")
-        outside = [p for p in listed if not -length <= p < length]
-        if outside:
-            raise InvalidInputError(f"positions {outside} are outside a prompt of {length} tokens")
-        normal = [p % length for p in listed]
-        if len(set(normal)) != len(normal):
-            raise InvalidInputError(f"positions {listed} name a position twice")
-        return normal
+        if isinstance(positions, torch.Tensor):
+            has_data(positions, "positions")
+        one = not isinstance(positions, (list, tuple, range)) and not (isinstance(positions, torch.Tensor) and positions.ndim)
+        listed = [integer(p, "positions") for p in ([positions] if one else positions)]
+        if not listed:
+            raise InvalidInputError("positions is empty: give 'last', 'all' or at least one position")
+        normal, = index_groups([listed], length, what="positions", unit="position",
+                               scope=f"the prompt has {length} tokens")
+        return list(normal)
 
     def _resolve_targets(self, targets: Any, batch: int) -> list[Target]:
         """One checked target per prompt (fxdepass/targets.py ``per_prompt``) with this model's tokenizer."""
@@ -778,13 +795,11 @@ class DecomposedModel:
         return int((inside + routing + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
 
     def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
-                      limit: int | None, components: int) -> int:
+                      limit: float | None, components: int) -> int:
         """The estimated peak bytes of the pass; raises if they are above ``limit``."""
         if limit is None:
             available = available_memory(self.device)
             limit = None if available is None else available * 8 // 10
-        else:
-            limit = int(limit)
         need = self.estimate_memory(module, captured, ids, components, plan)
         if limit is not None and need > limit:
             fits = int(ids.shape[1] * (limit / need) ** 0.5)
@@ -872,10 +887,13 @@ class DecomposedModel:
         """
         if target not in ("logit", "logprob"):
             raise InvalidInputError(f"target={target!r}; choose 'logit' or 'logprob'")
+        if not callable(getattr(self.model, "generate", None)) or self.default_readout != "logits":
+            raise InvalidInputError(f"generate_attributed() needs a model that generates text (a *ForCausalLM with "
+                                    f"generate() and logits); {type(self.model).__name__} is not one")
         ids = self._validate_ids(self.encode(input_ids).input_ids)
         if ids.shape[0] != 1:
             raise InvalidInputError("generate_attributed() takes one prompt at a time")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if integer(max_new_tokens, "max_new_tokens") < 1:
             raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         config = getattr(self.model, "generation_config", None)
         generate_kwargs.setdefault("do_sample", False)
@@ -1100,3 +1118,24 @@ def available_memory(device: torch.device) -> int | None:
     backend = getattr(torch, device.type, None)  # xpu and others with the same interface
     info = getattr(backend, "mem_get_info", None)
     return int(info(device)[0]) if callable(info) else None
+
+
+def _check_model(model: Any) -> None:
+    """Raise unless ``model`` is a ``torch.nn.Module`` whose weights hold values (not on the meta device)."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidInputError(f"compile() takes a torch.nn.Module such as a Hugging Face model, got {model!r} "
+                                f"({type(model).__name__})")
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise InvalidInputError(f"the model's weights are on the meta device (not loaded), e.g. {meta!r}; load them "
+                                "(from_pretrained, or to_empty() then load_state_dict) before compiling")
+
+
+def _memory_limit(limit: Any) -> float | None:
+    """``attribute``'s ``memory_limit``: ``None`` (the default), or a positive number of bytes (``inf``: no limit)."""
+    if limit is None:
+        return None
+    number = real(limit, "memory_limit (bytes)")
+    if not number > 0:  # NaN too
+        raise InvalidInputError(f"memory_limit must be a positive number of bytes, got {limit!r}")
+    return number

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from .checks import has_data, index_groups, integer, integers
 from .errors import InvalidSeedError
 from .registry import ComponentAxis, component_axis, held_rows, on_component_axis
 from .locations import Locations
@@ -106,16 +107,26 @@ class Tokens(Seed):
     def __post_init__(self) -> None:
         if self.positions is not None and self.groups is not None:
             raise InvalidSeedError("tokens(): give positions or groups, not both")
+        if not isinstance(self.sink, bool):
+            raise InvalidSeedError(f"tokens(): sink must be True or False, got {self.sink!r}")
         if self.positions is not None:
-            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+            object.__setattr__(self, "positions", integers(self.positions, "tokens(positions=...)", InvalidSeedError))
             object.__setattr__(self, "groups", tuple((p,) for p in self.positions))
-        elif isinstance(self.groups, Mapping):
-            object.__setattr__(self, "group_names", tuple(str(k) for k in self.groups))
-            object.__setattr__(self, "groups", tuple(tuple(int(p) for p in v) for v in self.groups.values()))
+            if not self.positions:
+                raise InvalidSeedError("tokens(): positions is empty; give at least one position (or None for all)")
         elif self.groups is not None:
-            object.__setattr__(self, "groups", tuple(tuple(int(p) for p in g) for g in self.groups))
-        if self.groups is not None and (not self.groups or any(len(g) == 0 for g in self.groups)):
-            raise InvalidSeedError("tokens(): every group needs at least one position")
+            groups = self.groups.values() if isinstance(self.groups, Mapping) else self.groups
+            if isinstance(self.groups, Mapping):
+                object.__setattr__(self, "group_names", tuple(str(k) for k in self.groups))
+            elif isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+                raise InvalidSeedError(f"tokens(): groups must be a list of position lists or a mapping name → "
+                                       f"positions, got {self.groups!r}")
+            object.__setattr__(self, "groups", tuple(integers(g, "each group of tokens(groups=...)", InvalidSeedError)
+                                                     for g in groups))
+            if not self.groups or any(len(g) == 0 for g in self.groups):
+                raise InvalidSeedError("tokens(): every group needs at least one position")
+        if self.groups is not None:  # the same position twice, as given; -1 and n-1 are found by check()
+            index_groups(self.groups, None, what="tokens()", unit="position", error=InvalidSeedError)
 
     def points(self, where: Locations) -> list[SeedPoint]:
         node = where.residual_entering(0)
@@ -130,11 +141,11 @@ class Tokens(Seed):
         return {"groups": self.groups} if self.sink else None
 
     def check(self, length: int) -> None:
-        """Raise if a listed position is outside a prompt of ``length`` tokens."""
-        for group in self.groups or ():
-            for p in group:
-                if not -length <= p < length:
-                    raise InvalidSeedError(f"tokens(): position {p} is outside a prompt of {length} tokens")
+        """Raise if a listed position is outside a prompt of ``length`` tokens, or is named twice (``1`` and ``-4``
+        of 5 tokens): a position in two components would be counted twice."""
+        if self.groups is not None:
+            index_groups(self.groups, length, what="tokens()", unit="position", scope=f"the prompt has {length} tokens",
+                         error=InvalidSeedError)
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         return self.prompt_labels(input_ids[:1], None, where, tokenizer)[0]
@@ -174,6 +185,9 @@ class Heads(Seed):
 
     layer: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", integer(self.layer, "heads(): the layer", InvalidSeedError))
+
     def points(self, where: Locations) -> list[SeedPoint]:
         projection = where.output_projection(self.layer)
         return [SeedPoint(Locations.features(projection), split_features, {"groups": _count(where.num_heads, "heads")})]
@@ -207,17 +221,23 @@ class Neurons(Seed):
     expert: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", integer(self.layer, "neurons(): the layer", InvalidSeedError))
         if self.indices is not None:
-            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+            object.__setattr__(self, "indices", integers(self.indices, "neurons(indices=...)", InvalidSeedError))
+            if not self.indices:
+                raise InvalidSeedError("neurons(): indices is empty; give at least one neuron (or None for all)")
+            index_groups([self.indices], None, what="neurons()", unit="neuron", error=InvalidSeedError)
+        if self.expert is not None:
+            object.__setattr__(self, "expert", integer(self.expert, "neurons(): expert", InvalidSeedError))
+        group_size = integer(self.group_size, "neurons(): group_size", InvalidSeedError)
+        if group_size < 1:
             raise InvalidSeedError(f"neurons(): group_size must be a positive integer, got {self.group_size!r}")
+        object.__setattr__(self, "group_size", group_size)
 
     def _selection(self, width: int) -> tuple[tuple[int, ...], ...]:
         indices = self.indices if self.indices is not None else tuple(range(width))
-        for i in indices:
-            if not -width <= i < width:
-                raise InvalidSeedError(f"neurons(): neuron {i} is out of range (the MLP has {width} neurons)")
-        indices = tuple(i % width for i in indices)
+        scope = f"the {'expert' if self.expert is not None else 'MLP'} has {width} neurons"
+        indices, = index_groups([indices], width, what="neurons()", unit="neuron", scope=scope, error=InvalidSeedError)
         return tuple(indices[i:i + self.group_size] for i in range(0, len(indices), self.group_size))
 
     def _experts(self, where: Locations) -> tuple[torch.fx.Node, int, torch.fx.Node | None] | None:
@@ -269,6 +289,9 @@ class Modules(Seed):
 
     layer: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", integer(self.layer, "modules(): the layer", InvalidSeedError))
+
     def points(self, where: Locations) -> list[SeedPoint]:
         return [SeedPoint(where.output_projection(self.layer), as_component, {"index": 0, "count": 2}),
                 SeedPoint(where.mlp_output(self.layer), as_component, {"index": 1, "count": 2})]
@@ -294,15 +317,20 @@ class _Direct(Seed):
 
     def __post_init__(self) -> None:
         if self.layers is not None:
+            object.__setattr__(self, "layers", integers(self.layers, f"{self._kind}(): the layers", InvalidSeedError))
             if not self.layers:
                 raise InvalidSeedError(f"{self._kind}(): give at least one layer, or 'all'")
-            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+            index_groups([self.layers], None, what=f"{self._kind}()", unit="layer", error=InvalidSeedError)
 
     _kind = ""
 
     def resolved(self, where: Locations) -> list[int]:
-        """The seeded layers, as non-negative indices in increasing order."""
-        return sorted({where.layer(layer) for layer in (self.layers or range(len(where.blocks)))})
+        """The seeded layers, as non-negative indices in increasing order; a layer named twice (``0`` and ``-2``
+        of 2) is refused like any repeated index."""
+        count = len(where.blocks)
+        layers, = index_groups([self.layers or range(count)], count, what=f"{self._kind}()", unit="layer",
+                               scope=f"the model has {count} layers", error=InvalidSeedError)
+        return sorted(layers)
 
     def _sources(self, where: Locations, layer: int) -> int:
         raise NotImplementedError
@@ -401,16 +429,32 @@ class Subspace(Seed):
     check: bool = False
 
     def __post_init__(self) -> None:
-        projectors = tuple(torch.as_tensor(p) for p in self.projectors)
+        object.__setattr__(self, "layer", integer(self.layer, "subspace(): the layer", InvalidSeedError))
+        if isinstance(self.projectors, (torch.Tensor, str, bytes)) or not hasattr(self.projectors, "__iter__"):
+            raise InvalidSeedError(f"subspace(): projectors must be a list of [d, d] matrices, got "
+                                   f"{type(self.projectors).__name__}")
+        try:
+            projectors = tuple(has_data(torch.as_tensor(p), "a projector", InvalidSeedError) for p in self.projectors)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InvalidSeedError(f"subspace(): projectors must be [d, d] matrices of numbers ({error})") from None
         if not projectors:
             raise InvalidSeedError("subspace(): give at least one projector")
+        object.__setattr__(self, "names", _names(self.names, len(projectors), "subspace()", "projectors"))
+        if not isinstance(self.check, bool):
+            raise InvalidSeedError(f"subspace(): check must be True or False, got {self.check!r}")
         for k, p in enumerate(projectors):
+            if p.is_complex() or p.dtype == torch.bool:
+                raise InvalidSeedError(f"subspace(): projector {k} must hold real numbers, got {p.dtype}")
             if p.ndim != 2 or p.shape[0] != p.shape[1]:
                 raise InvalidSeedError(f"subspace(): projector {k} must be a square [d, d] matrix, got shape {tuple(p.shape)}")
             if not bool(torch.isfinite(p).all()):
                 raise InvalidSeedError(f"subspace(): projector {k} holds NaN or inf")
             if self.check and not torch.allclose(p.double() @ p.double(), p.double(), atol=1e-6):
                 raise InvalidSeedError(f"subspace(): projector {k} is not a projection (P·P ≠ P)")
+            same = next((j for j in range(k) if projectors[j].shape == p.shape and torch.equal(projectors[j], p)), None)
+            if same is not None:  # the same subspace twice: each copy would be credited with all of it
+                raise InvalidSeedError(f"subspace(): projectors {same} and {k} are equal; each subspace may be in "
+                                       "one component only, or it would be counted twice")
         object.__setattr__(self, "projectors", projectors)
 
     def points(self, where: Locations) -> list[SeedPoint]:
@@ -441,15 +485,33 @@ class Custom(Seed):
             raise InvalidSeedError(f"custom(): where must be 'input' or 'output', got {self.where!r}")
         if not callable(self.split):
             raise InvalidSeedError("custom(): split must be a function returning the components")
+        if not isinstance(self.path, str):
+            raise InvalidSeedError(f"custom(): path must be a module path such as 'model.layers.1.mlp', got {self.path!r}")
+        object.__setattr__(self, "names", _names(self.names, None, "custom()", "components"))
 
     def points(self, where: Locations) -> list[SeedPoint]:
         node = where.module_input(self.path) if self.where == "input" else where.module_output(self.path)
-        return [SeedPoint(node, checked_split, {"split": self.split, "name": f"{self.path} ({self.where})"})]
+        count = None if self.names is None else len(self.names)
+        return [SeedPoint(node, checked_split, {"split": self.split, "name": f"{self.path} ({self.where})", "count": count})]
 
     def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
         if self.names is None:
             raise InvalidSeedError("custom(): labels are known once the split has run")
         return list(self.names) + ["rest"]
+
+
+def _names(names: Sequence[str] | None, count: int | None, kind: str, what: str) -> tuple[str, ...] | None:
+    """A seed's component names as a tuple, checked: strings, one per component (when ``count`` is known)."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise InvalidSeedError(f"{kind}: names must be a list of strings, got {names!r}")
+    names = tuple(names)
+    if not all(isinstance(name, str) for name in names):
+        raise InvalidSeedError(f"{kind}: names must be strings, got {list(names)!r}")
+    if count is not None and len(names) != count:
+        raise InvalidSeedError(f"{kind}: {len(names)} names for {count} {what}; give one name per component")
+    return names
 
 
 def tokens(positions: Sequence[int] | None = None, groups: Any = None, sink: bool = True) -> Tokens:
@@ -465,7 +527,7 @@ def heads(layer: int | Sequence[int] | str) -> Heads | DirectHeads:
     >>> fxdepass.heads("all"), fxdepass.heads(range(2))
     (DirectHeads(layers=None), DirectHeads(layers=(0, 1)))
     """
-    if not isinstance(layer, str) and not hasattr(layer, "__iter__"):
+    if _one_layer(layer):
         return Heads(layer)
     return DirectHeads(_layers(layer, "heads"))
 
@@ -473,7 +535,7 @@ def heads(layer: int | Sequence[int] | str) -> Heads | DirectHeads:
 def neurons(layer: int, indices: Sequence[int] | None = None, group_size: int = 1, expert: int | None = None) -> Neurons:
     """Per-neuron seed at layer ``layer``'s MLP (per expert, or per neuron of ``expert``, in a MoE
     layer); see :class:`Neurons`."""
-    return Neurons(layer, None if indices is None else tuple(indices), group_size, expert)
+    return Neurons(layer, indices, group_size, expert)
 
 
 def modules(layer: int | Sequence[int] | str) -> Modules | DirectModules:
@@ -484,9 +546,16 @@ def modules(layer: int | Sequence[int] | str) -> Modules | DirectModules:
     >>> fxdepass.modules("all")
     DirectModules(layers=None)
     """
-    if not isinstance(layer, str) and not hasattr(layer, "__iter__"):
+    if _one_layer(layer):
         return Modules(layer)
     return DirectModules(_layers(layer, "modules"))
+
+
+def _one_layer(layer: Any) -> bool:
+    """Whether ``heads(layer)`` / ``modules(layer)`` name one layer (not ``"all"`` or a list of them)."""
+    if isinstance(layer, torch.Tensor):
+        return layer.ndim == 0
+    return not isinstance(layer, (str, bytes)) and not hasattr(layer, "__iter__")
 
 
 def _layers(layers: Sequence[int] | str, kind: str) -> tuple[int, ...] | None:
@@ -494,23 +563,20 @@ def _layers(layers: Sequence[int] | str, kind: str) -> tuple[int, ...] | None:
         if layers != "all":
             raise InvalidSeedError(f"{kind}({layers!r}): give a layer number, a list or range of them, or 'all'")
         return None
-    try:
-        return tuple(int(layer) for layer in layers)
-    except (TypeError, ValueError):
-        raise InvalidSeedError(f"{kind}({layers!r}): give a layer number, a list or range of them, or 'all'") from None
+    return integers(layers, f"{kind}(): the layers", InvalidSeedError)
 
 
 def subspace(layer: int, projectors: Sequence[torch.Tensor], names: Sequence[str] | None = None,
              check: bool = False) -> Subspace:
     """Subspace seed on the residual stream entering ``layer``; see :class:`Subspace`.  ``check=True``
     verifies that every matrix is a projection (``P·P = P``)."""
-    return Subspace(layer, tuple(projectors), None if names is None else tuple(names), check)
+    return Subspace(layer, projectors, names, check)
 
 
 def custom(path: str, where: str = "output", split: Callable[[torch.Tensor], torch.Tensor] | None = None,
            names: Sequence[str] | None = None) -> Custom:
     """Seed at any module's input or output with a user ``split``; see :class:`Custom`."""
-    return Custom(path, where, split, None if names is None else tuple(names))
+    return Custom(path, where, split, names)
 
 
 def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:
@@ -637,16 +703,26 @@ def as_component(value: torch.Tensor, *, index: int, count: int) -> torch.Tensor
 
 def split_subspaces(value: torch.Tensor, *, projectors: torch.Tensor) -> torch.Tensor:
     """Components ``P_k x`` and rest ``x − Σ_k P_k x`` (projectors ``[K, d, d]`` act on the last axis)."""
-    parts = torch.einsum("kij,...j->k...i", projectors.to(value.dtype), value)
+    parts = torch.einsum("kij,...j->k...i", projectors.to(value.device, value.dtype), value)
     return held_rows(torch.cat((parts, (value - parts.sum(0)).unsqueeze(0))))
 
 
-def checked_split(value: torch.Tensor, *, split: Callable[[torch.Tensor], torch.Tensor], name: str) -> torch.Tensor:
-    """Call a user's ``split`` and check that its components sum to ``value``; the remainder goes to rest."""
-    parts = torch.as_tensor(split(value))
+def checked_split(value: torch.Tensor, *, split: Callable[[torch.Tensor], torch.Tensor], name: str,
+                  count: int | None = None) -> torch.Tensor:
+    """Call a user's ``split`` and check that its components sum to ``value`` (and that there are ``count``,
+    one per name, when names were given); the remainder goes to rest."""
+    parts = split(value)
+    expected = f"[K, {', '.join(map(str, value.shape))}]"
+    if not isinstance(parts, torch.Tensor):
+        raise InvalidSeedError(f"custom seed at {name}: split returned {type(parts).__name__}, not a tensor "
+                               f"{expected} (torch.stack a list of components)")
     if parts.shape[1:] != value.shape:
-        raise InvalidSeedError(f"custom seed at {name}: split returned shape {tuple(parts.shape)}, "
-                               f"expected [K, {', '.join(map(str, value.shape))}]")
+        raise InvalidSeedError(f"custom seed at {name}: split returned shape {tuple(parts.shape)}, expected {expected}")
+    if count is not None and parts.shape[0] != count:
+        raise InvalidSeedError(f"custom seed at {name}: split returned {parts.shape[0]} components but {count} names "
+                               "were given; give one name per component")
+    if not (parts.is_floating_point() or parts.dtype == value.dtype):
+        raise InvalidSeedError(f"custom seed at {name}: split returned {parts.dtype} components of a {value.dtype} value")
     remainder = value - parts.sum(0)
     tolerance = 1e-6 if value.dtype in (torch.float32, torch.float64) else 1e-2
     scale = value.abs().max().clamp_min(torch.finfo(value.dtype).tiny)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .checks import has_data
 from .errors import InvalidInputError
 
 __all__ = ["Target", "Token", "Predicted", "TokenAt", "Diff", "LogProb", "diff", "logprob", "as_target", "per_prompt"]
@@ -70,7 +71,7 @@ def token_id(token: Any, tokenizer: Any, vocabulary: int | None) -> int:
     5
     """
     if isinstance(token, torch.Tensor) and token.numel() == 1 and not token.dtype.is_floating_point:
-        token = int(token)
+        token = int(has_data(token, "a target token"))
     if isinstance(token, str):
         if tokenizer is None:
             raise InvalidInputError(f"target {token!r} is text: compile with tokenizer=… or give a token id")
@@ -206,6 +207,7 @@ def as_target(spec: Any) -> Target:
     if isinstance(spec, Target):
         return spec
     if isinstance(spec, torch.Tensor) and spec.numel() == 1:
+        has_data(spec, "a target")
         if spec.dtype.is_floating_point or spec.dtype.is_complex or spec.dtype == torch.bool:
             raise InvalidInputError(f"a target token id must be an integer, got a {spec.dtype} tensor")
         return Token(int(spec))
@@ -240,8 +242,10 @@ def per_prompt(targets: Any, batch: int, tokenizer: Any, vocabulary: int | None)
     >>> per_prompt(5, 2, None, 10)
     [Token(token=5), Token(token=5)]
     """
+    if isinstance(targets, torch.Tensor):
+        has_data(targets, "targets")
     if isinstance(targets, torch.Tensor) and targets.ndim == 2:
-        if targets.shape[0] != batch or targets.dtype.is_floating_point:
+        if targets.shape[0] != batch or targets.dtype.is_floating_point or targets.dtype.is_complex:
             raise InvalidInputError(f"a targets tensor holds integer ids [batch={batch}, positions], got "
                                     f"{tuple(targets.shape)} {targets.dtype}")
         specs: Sequence[Any] = [TokenAt(tuple(row)) for row in targets.tolist()]

@@ -208,6 +208,9 @@ def test_meta_model_gets_no_cpu_tensor(monkeypatch) -> None:
     model = families.build("llama", layers=2, seed=5).to("meta")
     monkeypatch.setattr(DecomposedModel, "_numbers_positions_from_zero", lambda self: True)
     monkeypatch.setattr(DecomposedModel, "causal", True)
+    # compile refuses a user's model whose weights are on meta (never loaded; issue 16): lifted here, where the
+    # meta device only stands in for a device without a CPU copy
+    monkeypatch.setattr(fxdepass.api, "_check_model", lambda model: None)
     # the seeds as a user makes them (the subspace's projectors on the CPU): fxdepass must move what it needs
     seeds = {kind: make("meta") for kind, make in SEEDS.items() if kind != "custom"}  # custom: its split's sum is checked
     recorder = CpuTensors()

@@ -262,7 +262,7 @@ def test_negative_layers_locations_and_errors(llama64) -> None:
         decomposed.attribute(IDS, positions="all", targets="all", seed=fxdepass.subspace(0, [torch.eye(5)]))
     with pytest.raises(fxdepass.InvalidReadoutError, match="locations"):
         decomposed.attribute(IDS, positions="all", targets="all", readout="model.nowhere")
-    with pytest.raises(fxdepass.InvalidSeedError, match="outside a prompt"):
+    with pytest.raises(fxdepass.InvalidSeedError, match="position 12 is out of range"):
         decomposed.attribute(IDS, seed=fxdepass.tokens(positions=[12]))
 
 
