@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from .api import Attribution, DecomposedModel
-from .errors import FxDePassError, InvalidInputError
+from .errors import FxDePassError, InvalidInputError, OutOfMemoryEstimateError
 from .lens import layer_lens
 from .locations import Locations
 from .readouts import readout_nodes
@@ -173,7 +173,7 @@ def split_heads_by_position(value: torch.Tensor, *, position_axis: int, heads: i
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stage(Seed):
+class _Stage:
     """Layer ``layer``'s attention heads (``kind="attention"``: the output projection's input, split by
     head and position) or MLP block (``kind="mlp"``: its output, split by position)."""
 
@@ -182,22 +182,114 @@ class _Stage(Seed):
 
     def node(self, where: Locations) -> torch.fx.Node:
         """The value this stage splits, which is also what later stages read as its nodes' outputs."""
-        if self.kind == "attention":
-            return Locations.features(where.output_projection(self.layer))
-        return where.mlp_output(self.layer)
+        return readout_nodes(self.readout, where)[0]
+
+    @property
+    def readout(self) -> str:
+        """The readout of that value (fxdepass/readouts.py)."""
+        return f"layer {self.layer} {'heads' if self.kind == 'attention' else 'mlp'}"
+
+
+# Note [Stages in a batch]
+# Every stage of the graph is a seed (a layer's heads split by head and position, or its MLP output split by
+# position) whose pass reads every later stage.  Generating one module per stage cost more than running it
+# (issue 19: 61 modules of ~2,400 nodes on SmolLM2), and a pass of few components keeps the matrix products
+# small.  So consecutive layers of one kind share a pass: the prompt is repeated, prompt b of the batch is
+# seeded at layer ``first + b``, and one module (cached, like any, across graphs) has a carrying seed point at
+# every layer of the chunk (Note [Carrying seeds] in fxdepass/analysis.py).  At its own layer a prompt's value
+# is split afresh; after it, the prompt keeps what it carries; before it, all of the value is rest, as it is
+# upstream of a seed in a pass of its own — and the rules keep it there (a sum with nothing but rest is rest,
+# and an activation where no component is present goes to rest whole).  So each prompt gets the components
+# of its own stage's pass, up to the rounding of the rest: the value entering its seed's block is the rest
+# propagated through the earlier layers rather than the real value (tests/test_graph.py compares them with
+# one pass per stage).  The chunk's first layer is fixed by the module, not given at run time, because a
+# prompt computes all its components — as zeros — at every seed point before its own: layers before the
+# chunk would cost as much as those after it and serve nothing.  A chunk holds about ``BATCH_COMPONENTS``
+# components in all, and is halved where the memory guard refuses its pass.
+
+#: components (prompts × components per prompt) one graph pass aims at (Note [Stages in a batch])
+BATCH_COMPONENTS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stages(Seed):
+    """``count`` stages of one kind from layer ``first``: prompt b of the batch is seeded at layer ``first + b``
+    (Note [Stages in a batch]); with ``count=1`` it is one stage's own seed, for any batch."""
+
+    kind: str
+    first: int
+    count: int = 1
 
     def points(self, where: Locations) -> list[SeedPoint]:
-        node = self.node(where)
-        captured = where.captured
-        axis = captured.axis_of(node, captured.sequence_length)
-        if axis is None:
-            # GPT-2 and OPT flatten batch and positions before a linear map; with one prompt that axis is the positions.
-            axis = captured.axis_of(node, captured.batch_size * captured.sequence_length)
-        if axis is None:
-            raise FxDePassError(f"{node.name} (layer {self.layer} {self.kind}) has no sequence axis")
+        points = []
+        for index in range(self.count):
+            stage = _Stage(self.kind, self.first + index)
+            node = stage.node(where)
+            position = _position_axis(where, node)
+            if position is None:
+                raise FxDePassError(f"{node.name} (layer {stage.layer} {self.kind}) has no sequence axis")
+            batch = _batch_axis(where, node) if self.count > 1 else None
+            kwargs = {"position_axis": position, "batch_axis": batch, "index": index}
+            if self.kind == "attention":
+                points.append(SeedPoint(node, stage_heads, {**kwargs, "heads": where.num_heads}, carries=True))
+            else:
+                points.append(SeedPoint(node, stage_positions, kwargs, carries=True))
+        return points
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        positions = range(input_ids.shape[1])
         if self.kind == "attention":
-            return [SeedPoint(node, split_heads_by_position, {"position_axis": axis, "heads": where.num_heads})]
-        return [SeedPoint(node, split_groups, {"position_axis": axis})]
+            return [f"H{h}@{p}" for h in range(where.num_heads) for p in positions] + ["rest"]
+        return [f"@{p}" for p in positions] + ["rest"]
+
+
+def _position_axis(where: Locations, node: torch.fx.Node) -> int | None:
+    captured = where.captured
+    axis = captured.axis_of(node, captured.sequence_length)
+    if axis is None:
+        # GPT-2 and OPT flatten batch and positions before a linear map; with one prompt that axis is the positions.
+        axis = captured.axis_of(node, captured.batch_size * captured.sequence_length)
+    return axis
+
+
+def _batch_axis(where: Locations, node: torch.fx.Node) -> int | None:
+    """The batch axis of ``node``'s value when the capture has a dynamic batch (``None``: one prompt per pass)."""
+    captured = where.captured
+    if not isinstance(captured.batch_size, torch.SymInt) or captured.axis_of(node, captured.sequence_length) is None:
+        return None
+    return captured.axis_of(node, captured.batch_size)
+
+
+def _staged(fresh: torch.Tensor, value: torch.Tensor, carried: torch.Tensor | None, batch_axis: int | None,
+            index: int) -> torch.Tensor:
+    """Prompt ``index`` of the batch gets ``fresh``, those before it ``carried``, those after it ``value`` as rest."""
+    if batch_axis is None:
+        return fresh
+    shape = [1] * fresh.ndim
+    shape[batch_axis + 1] = -1
+    prompt = torch.arange(value.shape[batch_axis], device=value.device).reshape(shape)
+    before = torch.zeros_like(fresh)
+    before[-1] = value
+    out = torch.where(prompt == index, fresh, before)
+    return out if carried is None else torch.where(prompt < index, carried, out)
+
+
+def stage_heads(value: torch.Tensor, carried: torch.Tensor | None, *, position_axis: int, heads: int,
+                batch_axis: int | None, index: int) -> torch.Tensor:
+    """The attention stage's carrying split (Note [Stages in a batch]): :func:`split_heads_by_position` for
+    prompt ``index``.
+
+    >>> stage_heads(torch.ones(2, 3, 4), None, position_axis=1, heads=2, batch_axis=0, index=0)[:, 1].sum((1, 2))
+    tensor([0., 0., 0., 0., 0., 0., 12.])
+    """
+    fresh = split_heads_by_position(value, position_axis=position_axis, heads=heads)
+    return _staged(fresh, value, carried, batch_axis, index)
+
+
+def stage_positions(value: torch.Tensor, carried: torch.Tensor | None, *, position_axis: int,
+                    batch_axis: int | None, index: int) -> torch.Tensor:
+    """The MLP stage's carrying split (Note [Stages in a batch]): :func:`split_groups` for prompt ``index``."""
+    return _staged(split_groups(value, position_axis=position_axis), value, carried, batch_axis, index)
 
 
 def _output_weight(where: Locations, layer: int) -> torch.Tensor:
@@ -386,37 +478,95 @@ class _Passes:
 
 def _run_passes(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations, stages: list[_Stage | None],
                 target: Any, progress: Progress | None) -> _Passes:
-    """One pass per stage, reading out the target's readout and the outputs of every later stage (and, for the
-    token stage, the ``"layers"`` readout of the heatmap)."""
+    """The token stage's pass, then the other stages' in batches (Note [Stages in a batch]), each through
+    ``DecomposedModel.attribute`` (memory guard, reconstruction check), reading the target's readout and every
+    later stage (and, for the token stage, the ``"layers"`` readout of the heatmap)."""
     weights = {s.layer: _output_weight(where, s.layer) for s in stages[1:] if s.kind == "attention"}
-    final = readout_nodes(decomposed.default_readout, where)
-    layer_nodes = readout_nodes("layers", where)
-    contributions, activations, shares = [], [], {}
-    length = ids.shape[1]
-    for k, stage in enumerate(stages):
-        if progress is not None:
-            progress(k, len(stages), "tokens" if stage is None else f"layer {stage.layer} {stage.kind}")
-        later = list(range(k + 1, len(stages)))
-        nodes = final + [stages[t].node(where) for t in later] + (layer_nodes if stage is None else [])
-        (real, parts), *outputs = _decompose(decomposed, ids, where, tokens() if stage is None else stage, nodes)
-        if stage is None:
-            resolved = resolve_target(decomposed, real[0], target)
-            value = float(resolved.of(real[0]))
-            layer_outputs = outputs[len(later):]
-            layer_parts = torch.stack([p for _, p in layer_outputs])
-            embeddings = layer_outputs[0][0][0]                                 # real value entering layer 0, the prompt
-            activations.append(embeddings.norm(dim=-1))
-        contributions.append(resolved.of(parts[:, 0]))
-        for t, (real_t, parts_t) in zip(later, outputs):
-            # [1, N, F] or, flattened, [N, F] (one prompt) → [N, F]
-            real_t, parts_t = real_t.reshape(length, -1), parts_t.reshape(len(parts_t), length, -1)
+    readout, length = decomposed.default_readout, ids.shape[1]
+    contributions: list[torch.Tensor | None] = [None] * len(stages)
+    activations: list[torch.Tensor | None] = [None] * len(stages)
+    shares: dict[tuple[int, int], torch.Tensor] = {}
+    later = [s.readout for s in stages[1:]]
+    if progress is not None:
+        progress(0, len(stages), "tokens")
+    found = decomposed.attribute(ids, seed=tokens(), readout=[readout, *later, "layers"], positions="all",
+                                 targets="all" if readout == "logits" else None)
+    real = found[readout].total[0]
+    resolved = resolve_target(decomposed, real, target)
+    value = float(resolved.of(real))
+    contributions[0] = resolved.of(found[readout].components[:, 0])
+    activations[0] = found["layers"].total[0, 0].norm(dim=-1)          # the real value entering layer 0: embeddings
+
+    def read_stages(k: int, results: dict[str, Attribution], prompt: int) -> None:
+        """Stage ``k``'s shares of every later node, from prompt ``prompt`` of a pass's results."""
+        for t in range(k + 1, len(stages)):
+            result = results[stages[t].readout]
+            # [B, N, F] or, flattened, [B·N, F] (batch-major)
+            real_t = result.total.reshape(-1, length, result.total.shape[-1])[prompt]
+            parts_t = result.components.reshape(len(result.components), -1, length, result.components.shape[-1])[:, prompt]
             out, part_out = _node_outputs(stages[t], where, real_t, parts_t, weights.get(stages[t].layer))
             shares[k, t] = _shares(out, part_out)
-            if stage is None:
-                activations.append(out.norm(dim=-1))
+            if k == 0:
+                activations[t] = out.norm(dim=-1)
+
+    read_stages(0, found, 0)
+    number = {(s.kind, s.layer): k for k, s in enumerate(stages) if s is not None}
+    done = 1
+    pending = [(kind, *chunk) for kind in ("attention", "mlp") for chunk in _chunks(decomposed, where, ids, kind)]
+    while pending:
+        kind, first, count = pending.pop(0)
+        if progress is not None:
+            progress(done, len(stages), f"layers {first}–{first + count - 1} {kind}" if count > 1 else f"layer {first} {kind}")
+        k0 = number[kind, first]
+        names = [s.readout for s in stages[k0 + 1:]]
+        target_readout, spec = _target_readout(resolved)
+        try:
+            results = decomposed.attribute(ids.repeat(count, 1), seed=_Stages(kind, first, count),
+                                           readout=[target_readout, *names], positions="all",
+                                           targets=spec if spec is not None else "all" if target_readout == "logits" else None)
+        except OutOfMemoryEstimateError:
+            if count == 1:
+                raise
+            half = count // 2
+            pending[:0] = [(kind, first, half), (kind, first + half, count - half)]
+            continue
+        final = results[target_readout]
+        for prompt in range(count):
+            k = number[kind, first + prompt]
+            if spec is not None:                                                 # the target's own logit at the last position
+                contributions[k] = final.components[:, prompt, -1, 0]
+            else:
+                contributions[k] = resolved.of(final.components[:, prompt])
+            read_stages(k, results, prompt)
+        done += count
     if progress is not None:
         progress(len(stages), len(stages), "done")
-    return _Passes(resolved, value, contributions, activations, shares, layer_parts)
+    return _Passes(resolved, value, contributions, activations, shares, found["layers"].components)
+
+
+def _target_readout(target: Target) -> tuple[str, int | None]:
+    """The readout a stage pass reads for ``target`` and, for one logit at the last position, its token (read as
+    ``attribute``'s target, through the head's row); otherwise ``None``: the whole readout is read.  Every position
+    is read: a pass read at the last position only would not split the positions of the last MLP stage."""
+    if target.readout == "logits" and target.token >= 0:
+        one = torch.zeros_like(target.weights)
+        one[-1, target.token] = 1.0
+        if torch.equal(target.weights, one):
+            return "logits", target.token
+    return target.readout, None
+
+
+def _chunks(decomposed: DecomposedModel, where: Locations, ids: torch.Tensor, kind: str) -> list[tuple[int, int]]:
+    """``(first layer, count)`` of each batch of ``kind`` stages (Note [Stages in a batch]): about
+    :data:`BATCH_COMPONENTS` components a pass, one stage a pass where the values have no batch axis."""
+    layers = len(where.blocks)
+    stages = [_Stage(kind, layer) for layer in range(layers)]
+    if any(_batch_axis(where, s.node(where)) is None for s in stages):
+        size = 1
+    else:
+        components = (where.num_heads if kind == "attention" else 1) * ids.shape[1] + 1
+        size = max(1, BATCH_COMPONENTS // components)
+    return [(first, min(size, layers - first)) for first in range(0, layers, size)]
 
 
 def _assemble(decomposed: DecomposedModel, ids: torch.Tensor, heads: int, stages: list[_Stage | None], passes: _Passes,
