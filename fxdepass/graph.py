@@ -25,6 +25,8 @@ by cumulative |weight|, orphans dropped, tokens and target always kept).
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from typing import Any, Callable
 
 import networkx as nx
@@ -39,8 +41,8 @@ from .readouts import readout_nodes
 from .rewrite import build_module
 from .seeds import Heads, Modules, Neurons, Seed, SeedPoint, Tokens, split_features, split_groups, tokens
 
-__all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "seed_graph", "keep_fraction",
-           "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
+__all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "attribution_seconds",
+           "seed_graph", "keep_fraction", "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
 
 aten = torch.ops.aten
 #: argument position of the weight of the linear maps ``Locations`` finds (features times weight)
@@ -302,23 +304,25 @@ def _output_weight(where: Locations, layer: int) -> torch.Tensor:
     return tensor.T if projection.target is aten.linear.default else tensor
 
 
-def _node_outputs(stage: _Stage, where: Locations, real: torch.Tensor, parts: torch.Tensor,
+def _stage_shares(stage: _Stage, where: Locations, real: torch.Tensor, parts: torch.Tensor,
                   weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each node's output ``[n, D]`` and each component's part of it ``[K, n, D]`` from the stage's
-    value for one prompt (``real [N, F]``, ``parts [K, N, F]``); heads head-major like the seed."""
+    """``⟨o_m, o⟩ / ‖o‖²`` of each component ``m`` and node (``[K, B, nodes]``, 0 for a node whose output is 0;
+    they sum to 1) and ``‖o‖`` (``[B, nodes]``), ``o`` being a node's output, from the stage's value for ``B``
+    prompts (``real [B, N, F]``, ``parts [K, B, N, F]``); heads head-major like the seed.
+
+    A head's output is its features times its rows of the output projection, ``o = x_h W_h``; its components'
+    products with it are taken back in feature space, ``⟨x_m,h W_h, o⟩ = ⟨x_m,h, W_h o⟩``, so the components
+    are never projected."""
     if stage.kind == "mlp":
-        return real, parts
-    heads = where.num_heads
-    per_head = weight.to(real.dtype).unflatten(0, (heads, -1))                  # [H, F/H, D]
-    real_out = torch.einsum("nhf,hfd->hnd", real.unflatten(-1, (heads, -1)), per_head).flatten(0, 1)
-    parts_out = torch.einsum("knhf,hfd->khnd", parts.unflatten(-1, (heads, -1)), per_head).flatten(1, 2)
-    return real_out, parts_out
-
-
-def _shares(real: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """``⟨parts_k, real⟩ / ‖real‖²`` per component and node (0 for a node whose output is 0); they sum to 1."""
-    norm = (real * real).sum(-1)
-    return (parts * real).sum(-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+        norm, dots = (real * real).sum(-1), (parts * real).sum(-1)
+    else:
+        heads = where.num_heads
+        per_head = weight.to(real.dtype).unflatten(0, (heads, -1))                 # [H, F/H, D]
+        out = torch.einsum("bnhf,hfd->bhnd", real.unflatten(-1, (heads, -1)), per_head)
+        back = torch.einsum("bhnd,hfd->bnhf", out, per_head)
+        dots = torch.einsum("kbnhf,bnhf->kbhn", parts.unflatten(-1, (heads, -1)), back).flatten(2, 3)
+        norm = (out * out).sum(-1).flatten(1, 2)
+    return dots / torch.where(norm > 0, norm, torch.ones_like(norm)), norm.sqrt()
 
 
 def _decompose(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations, seed: Seed,
@@ -444,8 +448,10 @@ def build_graph(
 
     ``target``: for a model with logits, a token id or text (default: the argmax next token at the last
     position); for an encoder, ``None`` (its mean-pooled embedding's length) or another sentence's pooled
-    embedding (cosine similarity); or a :class:`Target`.  ``progress(done, total, label)`` is called
-    before each of the ``2 × layers + 1`` decomposed passes.  Thresholds of 1.0 keep every nonzero node and edge.
+    embedding (cosine similarity); or a :class:`Target`.  ``progress(done, total, label)`` is called before each
+    decomposed pass, ``done`` counting the ``2 × layers + 1`` stages (tokens, then each layer's heads and MLP) that
+    earlier passes covered: stages of one kind share passes (Note [Stages in a batch]).  Thresholds of 1.0 keep
+    every nonzero node and edge.
 
     >>> graph = build_graph(decomposed, ids, node_threshold=0.8)                       # doctest: +SKIP
     >>> [graph.nodes[n]["label"] for n in graph.predecessors("target")][:3]             # doctest: +SKIP
@@ -458,6 +464,25 @@ def build_graph(
     stages = [None] + [_Stage(kind, layer) for layer in range(layers) for kind in ("attention", "mlp")]
     passes = _run_passes(decomposed, ids, where, stages, target, progress)
     return _assemble(decomposed, ids, heads, stages, passes, node_threshold, edge_threshold)
+
+
+def attribution_seconds(decomposed: DecomposedModel, input_ids: Any, repeats: int = 1) -> float:
+    """Seconds one token-level attribution of the prompt takes (the default seed, readout and target; the median
+    of ``repeats``, after a first call that builds its module): the unit the graph's build time is reported in
+    (issue 19: a graph should cost at most 40 of them).
+
+    >>> build_seconds / attribution_seconds(decomposed, ids)                          # doctest: +SKIP
+    21.3
+    """
+    ids = _one_prompt(decomposed, input_ids)
+    readout = "logits" if decomposed.default_readout == "logits" else "hidden"
+    decomposed.attribute(ids, readout=readout)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decomposed.attribute(ids, readout=readout)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 @dataclasses.dataclass
@@ -497,19 +522,21 @@ def _run_passes(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations
     contributions[0] = resolved.of(found[readout].components[:, 0])
     activations[0] = found["layers"].total[0, 0].norm(dim=-1)          # the real value entering layer 0: embeddings
 
-    def read_stages(k: int, results: dict[str, Attribution], prompt: int) -> None:
-        """Stage ``k``'s shares of every later node, from prompt ``prompt`` of a pass's results."""
-        for t in range(k + 1, len(stages)):
+    def read_stages(numbers: list[int], results: dict[str, Attribution]) -> None:
+        """The shares of every node after stage ``numbers[b]``, prompt ``b``'s stage in a pass's ``results``."""
+        for t in range(numbers[0] + 1, len(stages)):
             result = results[stages[t].readout]
             # [B, N, F] or, flattened, [B·N, F] (batch-major)
-            real_t = result.total.reshape(-1, length, result.total.shape[-1])[prompt]
-            parts_t = result.components.reshape(len(result.components), -1, length, result.components.shape[-1])[:, prompt]
-            out, part_out = _node_outputs(stages[t], where, real_t, parts_t, weights.get(stages[t].layer))
-            shares[k, t] = _shares(out, part_out)
-            if k == 0:
-                activations[t] = out.norm(dim=-1)
+            real_t = result.total.reshape(len(numbers), length, result.total.shape[-1])
+            parts_t = result.components.reshape(len(result.components), len(numbers), length, -1)
+            found_t, norms = _stage_shares(stages[t], where, real_t, parts_t, weights.get(stages[t].layer))
+            for prompt, k in enumerate(numbers):
+                if k < t:
+                    shares[k, t] = found_t[:, prompt]
+            if numbers[0] == 0:
+                activations[t] = norms[0]
 
-    read_stages(0, found, 0)
+    read_stages([0], found)
     number = {(s.kind, s.layer): k for k, s in enumerate(stages) if s is not None}
     done = 1
     pending = [(kind, *chunk) for kind in ("attention", "mlp") for chunk in _chunks(decomposed, where, ids, kind)]
@@ -531,13 +558,13 @@ def _run_passes(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations
             pending[:0] = [(kind, first, half), (kind, first + half, count - half)]
             continue
         final = results[target_readout]
-        for prompt in range(count):
-            k = number[kind, first + prompt]
+        numbers = [number[kind, first + prompt] for prompt in range(count)]
+        for prompt, k in enumerate(numbers):
             if spec is not None:                                                 # the target's own logit at the last position
                 contributions[k] = final.components[:, prompt, -1, 0]
             else:
                 contributions[k] = resolved.of(final.components[:, prompt])
-            read_stages(k, results, prompt)
+        read_stages(numbers, results)
         done += count
     if progress is not None:
         progress(len(stages), len(stages), "done")
