@@ -60,6 +60,8 @@ class NodeInfo:
 class Analysis:
     info: dict[torch.fx.Node, NodeInfo]
     needed: set[torch.fx.Node]
+    #: a carrying seed downstream of another seed → how it would be decomposed from what reaches it (Note [Carrying seeds])
+    carried: dict[torch.fx.Node, NodeInfo] = dataclasses.field(default_factory=dict)
 
 
 def normalize_args(node: torch.fx.Node) -> tuple[list[Any], dict[str, Any]]:
@@ -161,17 +163,28 @@ def _same_root(
 
 
 def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Iterable[torch.fx.Node],
-            variant: str | None = None) -> Analysis:
+            variant: str | None = None, carrying: Iterable[torch.fx.Node] = ()) -> Analysis:
     """Classify every node downstream of the ``seeds`` and find those whose components reach ``readouts``.
 
     A seed downstream of another seed starts afresh (``modules(layer)`` seeds the attention output and
-    the MLP output).  Readouts the seeds cannot reach are left out of ``needed``: all of their value is rest.
+    the MLP output), unless it is one of ``carrying`` (Note [Carrying seeds]).  Readouts the seeds cannot
+    reach are left out of ``needed``: all of their value is rest.
     ``variant`` picks rule variants (registry Note [Rule variants]), e.g. ``"routed"`` attention.
     """
-    seeds = set(seeds)
+    # Note [Carrying seeds]
+    # A carrying seed's split also receives the components that earlier seeds give its node, so that it can
+    # keep them where it chooses (the attribution graph seeds one layer per prompt of a batch at one set of
+    # points: fxdepass/graph.py Note [Stages in a batch]).  Such a node is classified as if it were no seed
+    # (``carried``), and what that needs is needed too.
+    seeds, carrying = set(seeds), set(carrying)
     info: dict[torch.fx.Node, NodeInfo] = {}
+    carried: dict[torch.fx.Node, NodeInfo] = {}
     for node in graph.nodes:
         if node in seeds:
+            if node in carrying and info:
+                classified = _classify(node, info, variant)
+                if classified is not None and classified.decomposable:
+                    carried[node] = classified
             info[node] = NodeInfo(SEED, root=node)
         elif info and node.op == "call_function":
             classified = _classify(node, info, variant)
@@ -184,7 +197,7 @@ def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Ite
         if node in needed:
             continue
         needed.add(node)
-        entry = info[node]
+        entry = carried.get(node, info[node])
         if entry.flavour == UNSUPPORTED:
             raise UnsupportedOpError(_unsupported_message(node))
         if entry.flavour in (ACTIVATION, GATE):
@@ -192,7 +205,7 @@ def analyse(graph: torch.fx.Graph, seeds: Iterable[torch.fx.Node], readouts: Ite
         elif entry.flavour != SEED:
             positions = leaves_by_position(node)
             pending.extend(a for i in entry.component_args for a in positions[i] if a in info and info[a].decomposable)
-    return Analysis(info, needed)
+    return Analysis(info, needed, carried)
 
 
 def _unsupported_message(node: torch.fx.Node) -> str:

@@ -420,7 +420,7 @@ def _attribute_prompts(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _graph(args: argparse.Namespace, progress: Progress) -> int:
-    from .graph import build_graph
+    from .graph import attribution_seconds, build_graph
 
     directory, formats = _formats(args, "graph")
     for name in ("node_threshold", "edge_threshold"):
@@ -434,11 +434,12 @@ def _graph(args: argparse.Namespace, progress: Progress) -> int:
     graph = build_graph(decomposed, ids, target, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
                         progress=progress.bar)
     built = time.perf_counter() - started
+    one = attribution_seconds(decomposed, ids)
     _header(graph)
     info = graph.graph
     print(f"graph    {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges; explained fraction "
           f"{info['explained_fraction']:.3f}, influence kept {info['influence_fraction']:.3f}; built in {built:.1f} s "
-          f"({len(info['stages'])} decomposed passes)")
+          f"= {built / one:.1f} × one token-level attribution ({one:.2f} s) ({len(info['stages'])} stages)")
     print("stages   (kept edges into the target + pruned + rest = target value)")
     for stage in info["stages"]:
         print(f"  {stage['stage']:<20} kept {stage['kept']:>+10.4f}   pruned {stage['pruned']:>+10.4f}   "

@@ -25,6 +25,8 @@ by cumulative |weight|, orphans dropped, tokens and target always kept).
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from typing import Any, Callable
 
 import networkx as nx
@@ -32,15 +34,15 @@ import torch
 import torch.fx
 
 from .api import Attribution, DecomposedModel
-from .errors import FxDePassError, InvalidInputError
+from .errors import FxDePassError, InvalidInputError, OutOfMemoryEstimateError
 from .lens import layer_lens
 from .locations import Locations
 from .readouts import readout_nodes
 from .rewrite import build_module
 from .seeds import Heads, Modules, Neurons, Seed, SeedPoint, Tokens, split_features, split_groups, tokens
 
-__all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "seed_graph", "keep_fraction",
-           "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
+__all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "attribution_seconds",
+           "seed_graph", "keep_fraction", "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
 
 aten = torch.ops.aten
 #: argument position of the weight of the linear maps ``Locations`` finds (features times weight)
@@ -173,7 +175,7 @@ def split_heads_by_position(value: torch.Tensor, *, position_axis: int, heads: i
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stage(Seed):
+class _Stage:
     """Layer ``layer``'s attention heads (``kind="attention"``: the output projection's input, split by
     head and position) or MLP block (``kind="mlp"``: its output, split by position)."""
 
@@ -182,22 +184,114 @@ class _Stage(Seed):
 
     def node(self, where: Locations) -> torch.fx.Node:
         """The value this stage splits, which is also what later stages read as its nodes' outputs."""
-        if self.kind == "attention":
-            return Locations.features(where.output_projection(self.layer))
-        return where.mlp_output(self.layer)
+        return readout_nodes(self.readout, where)[0]
+
+    @property
+    def readout(self) -> str:
+        """The readout of that value (fxdepass/readouts.py)."""
+        return f"layer {self.layer} {'heads' if self.kind == 'attention' else 'mlp'}"
+
+
+# Note [Stages in a batch]
+# Every stage of the graph is a seed (a layer's heads split by head and position, or its MLP output split by
+# position) whose pass reads every later stage.  Generating one module per stage cost more than running it
+# (issue 19: 61 modules of ~2,400 nodes on SmolLM2), and a pass of few components keeps the matrix products
+# small.  So consecutive layers of one kind share a pass: the prompt is repeated, prompt b of the batch is
+# seeded at layer ``first + b``, and one module (cached, like any, across graphs) has a carrying seed point at
+# every layer of the chunk (Note [Carrying seeds] in fxdepass/analysis.py).  At its own layer a prompt's value
+# is split afresh; after it, the prompt keeps what it carries; before it, all of the value is rest, as it is
+# upstream of a seed in a pass of its own — and the rules keep it there (a sum with nothing but rest is rest,
+# and an activation where no component is present goes to rest whole).  So each prompt gets the components
+# of its own stage's pass, up to the rounding of the rest: the value entering its seed's block is the rest
+# propagated through the earlier layers rather than the real value (tests/test_graph.py compares them with
+# one pass per stage).  The chunk's first layer is fixed by the module, not given at run time, because a
+# prompt computes all its components — as zeros — at every seed point before its own: layers before the
+# chunk would cost as much as those after it and serve nothing.  A chunk holds about ``BATCH_COMPONENTS``
+# components in all, and is halved where the memory guard refuses its pass.
+
+#: components (prompts × components per prompt) one graph pass aims at (Note [Stages in a batch])
+BATCH_COMPONENTS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stages(Seed):
+    """``count`` stages of one kind from layer ``first``: prompt b of the batch is seeded at layer ``first + b``
+    (Note [Stages in a batch]); with ``count=1`` it is one stage's own seed, for any batch."""
+
+    kind: str
+    first: int
+    count: int = 1
 
     def points(self, where: Locations) -> list[SeedPoint]:
-        node = self.node(where)
-        captured = where.captured
-        axis = captured.axis_of(node, captured.sequence_length)
-        if axis is None:
-            # GPT-2 and OPT flatten batch and positions before a linear map; with one prompt that axis is the positions.
-            axis = captured.axis_of(node, captured.batch_size * captured.sequence_length)
-        if axis is None:
-            raise FxDePassError(f"{node.name} (layer {self.layer} {self.kind}) has no sequence axis")
+        points = []
+        for index in range(self.count):
+            stage = _Stage(self.kind, self.first + index)
+            node = stage.node(where)
+            position = _position_axis(where, node)
+            if position is None:
+                raise FxDePassError(f"{node.name} (layer {stage.layer} {self.kind}) has no sequence axis")
+            batch = _batch_axis(where, node) if self.count > 1 else None
+            kwargs = {"position_axis": position, "batch_axis": batch, "index": index}
+            if self.kind == "attention":
+                points.append(SeedPoint(node, stage_heads, {**kwargs, "heads": where.num_heads}, carries=True))
+            else:
+                points.append(SeedPoint(node, stage_positions, kwargs, carries=True))
+        return points
+
+    def labels(self, input_ids: torch.Tensor, where: Locations, tokenizer: Any = None) -> list[str]:
+        positions = range(input_ids.shape[1])
         if self.kind == "attention":
-            return [SeedPoint(node, split_heads_by_position, {"position_axis": axis, "heads": where.num_heads})]
-        return [SeedPoint(node, split_groups, {"position_axis": axis})]
+            return [f"H{h}@{p}" for h in range(where.num_heads) for p in positions] + ["rest"]
+        return [f"@{p}" for p in positions] + ["rest"]
+
+
+def _position_axis(where: Locations, node: torch.fx.Node) -> int | None:
+    captured = where.captured
+    axis = captured.axis_of(node, captured.sequence_length)
+    if axis is None:
+        # GPT-2 and OPT flatten batch and positions before a linear map; with one prompt that axis is the positions.
+        axis = captured.axis_of(node, captured.batch_size * captured.sequence_length)
+    return axis
+
+
+def _batch_axis(where: Locations, node: torch.fx.Node) -> int | None:
+    """The batch axis of ``node``'s value when the capture has a dynamic batch (``None``: one prompt per pass)."""
+    captured = where.captured
+    if not isinstance(captured.batch_size, torch.SymInt) or captured.axis_of(node, captured.sequence_length) is None:
+        return None
+    return captured.axis_of(node, captured.batch_size)
+
+
+def _staged(fresh: torch.Tensor, value: torch.Tensor, carried: torch.Tensor | None, batch_axis: int | None,
+            index: int) -> torch.Tensor:
+    """Prompt ``index`` of the batch gets ``fresh``, those before it ``carried``, those after it ``value`` as rest."""
+    if batch_axis is None:
+        return fresh
+    shape = [1] * fresh.ndim
+    shape[batch_axis + 1] = -1
+    prompt = torch.arange(value.shape[batch_axis], device=value.device).reshape(shape)
+    before = torch.zeros_like(fresh)
+    before[-1] = value
+    out = torch.where(prompt == index, fresh, before)
+    return out if carried is None else torch.where(prompt < index, carried, out)
+
+
+def stage_heads(value: torch.Tensor, carried: torch.Tensor | None, *, position_axis: int, heads: int,
+                batch_axis: int | None, index: int) -> torch.Tensor:
+    """The attention stage's carrying split (Note [Stages in a batch]): :func:`split_heads_by_position` for
+    prompt ``index``.
+
+    >>> stage_heads(torch.ones(2, 3, 4), None, position_axis=1, heads=2, batch_axis=0, index=0)[:, 1].sum((1, 2))
+    tensor([0., 0., 0., 0., 0., 0., 12.])
+    """
+    fresh = split_heads_by_position(value, position_axis=position_axis, heads=heads)
+    return _staged(fresh, value, carried, batch_axis, index)
+
+
+def stage_positions(value: torch.Tensor, carried: torch.Tensor | None, *, position_axis: int,
+                    batch_axis: int | None, index: int) -> torch.Tensor:
+    """The MLP stage's carrying split (Note [Stages in a batch]): :func:`split_groups` for prompt ``index``."""
+    return _staged(split_groups(value, position_axis=position_axis), value, carried, batch_axis, index)
 
 
 def _output_weight(where: Locations, layer: int) -> torch.Tensor:
@@ -210,23 +304,25 @@ def _output_weight(where: Locations, layer: int) -> torch.Tensor:
     return tensor.T if projection.target is aten.linear.default else tensor
 
 
-def _node_outputs(stage: _Stage, where: Locations, real: torch.Tensor, parts: torch.Tensor,
+def _stage_shares(stage: _Stage, where: Locations, real: torch.Tensor, parts: torch.Tensor,
                   weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each node's output ``[n, D]`` and each component's part of it ``[K, n, D]`` from the stage's
-    value for one prompt (``real [N, F]``, ``parts [K, N, F]``); heads head-major like the seed."""
+    """``⟨o_m, o⟩ / ‖o‖²`` of each component ``m`` and node (``[K, B, nodes]``, 0 for a node whose output is 0;
+    they sum to 1) and ``‖o‖`` (``[B, nodes]``), ``o`` being a node's output, from the stage's value for ``B``
+    prompts (``real [B, N, F]``, ``parts [K, B, N, F]``); heads head-major like the seed.
+
+    A head's output is its features times its rows of the output projection, ``o = x_h W_h``; its components'
+    products with it are taken back in feature space, ``⟨x_m,h W_h, o⟩ = ⟨x_m,h, W_h o⟩``, so the components
+    are never projected."""
     if stage.kind == "mlp":
-        return real, parts
-    heads = where.num_heads
-    per_head = weight.to(real.dtype).unflatten(0, (heads, -1))                  # [H, F/H, D]
-    real_out = torch.einsum("nhf,hfd->hnd", real.unflatten(-1, (heads, -1)), per_head).flatten(0, 1)
-    parts_out = torch.einsum("knhf,hfd->khnd", parts.unflatten(-1, (heads, -1)), per_head).flatten(1, 2)
-    return real_out, parts_out
-
-
-def _shares(real: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """``⟨parts_k, real⟩ / ‖real‖²`` per component and node (0 for a node whose output is 0); they sum to 1."""
-    norm = (real * real).sum(-1)
-    return (parts * real).sum(-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+        norm, dots = (real * real).sum(-1), (parts * real).sum(-1)
+    else:
+        heads = where.num_heads
+        per_head = weight.to(real.dtype).unflatten(0, (heads, -1))                 # [H, F/H, D]
+        out = torch.einsum("bnhf,hfd->bhnd", real.unflatten(-1, (heads, -1)), per_head)
+        back = torch.einsum("bhnd,hfd->bnhf", out, per_head)
+        dots = torch.einsum("kbnhf,bnhf->kbhn", parts.unflatten(-1, (heads, -1)), back).flatten(2, 3)
+        norm = (out * out).sum(-1).flatten(1, 2)
+    return dots / torch.where(norm > 0, norm, torch.ones_like(norm)), norm.sqrt()
 
 
 def _decompose(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations, seed: Seed,
@@ -352,8 +448,10 @@ def build_graph(
 
     ``target``: for a model with logits, a token id or text (default: the argmax next token at the last
     position); for an encoder, ``None`` (its mean-pooled embedding's length) or another sentence's pooled
-    embedding (cosine similarity); or a :class:`Target`.  ``progress(done, total, label)`` is called
-    before each of the ``2 × layers + 1`` decomposed passes.  Thresholds of 1.0 keep every nonzero node and edge.
+    embedding (cosine similarity); or a :class:`Target`.  ``progress(done, total, label)`` is called before each
+    decomposed pass, ``done`` counting the ``2 × layers + 1`` stages (tokens, then each layer's heads and MLP) that
+    earlier passes covered: stages of one kind share passes (Note [Stages in a batch]).  Thresholds of 1.0 keep
+    every nonzero node and edge.
 
     >>> graph = build_graph(decomposed, ids, node_threshold=0.8)                       # doctest: +SKIP
     >>> [graph.nodes[n]["label"] for n in graph.predecessors("target")][:3]             # doctest: +SKIP
@@ -366,6 +464,25 @@ def build_graph(
     stages = [None] + [_Stage(kind, layer) for layer in range(layers) for kind in ("attention", "mlp")]
     passes = _run_passes(decomposed, ids, where, stages, target, progress)
     return _assemble(decomposed, ids, heads, stages, passes, node_threshold, edge_threshold)
+
+
+def attribution_seconds(decomposed: DecomposedModel, input_ids: Any, repeats: int = 1) -> float:
+    """Seconds one token-level attribution of the prompt takes (the default seed, readout and target; the median
+    of ``repeats``, after a first call that builds its module): the unit the graph's build time is reported in
+    (issue 19: a graph should cost at most 40 of them).
+
+    >>> build_seconds / attribution_seconds(decomposed, ids)                          # doctest: +SKIP
+    21.3
+    """
+    ids = _one_prompt(decomposed, input_ids)
+    readout = "logits" if decomposed.default_readout == "logits" else "hidden"
+    decomposed.attribute(ids, readout=readout)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decomposed.attribute(ids, readout=readout)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 @dataclasses.dataclass
@@ -386,37 +503,97 @@ class _Passes:
 
 def _run_passes(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations, stages: list[_Stage | None],
                 target: Any, progress: Progress | None) -> _Passes:
-    """One pass per stage, reading out the target's readout and the outputs of every later stage (and, for the
-    token stage, the ``"layers"`` readout of the heatmap)."""
+    """The token stage's pass, then the other stages' in batches (Note [Stages in a batch]), each through
+    ``DecomposedModel.attribute`` (memory guard, reconstruction check), reading the target's readout and every
+    later stage (and, for the token stage, the ``"layers"`` readout of the heatmap)."""
     weights = {s.layer: _output_weight(where, s.layer) for s in stages[1:] if s.kind == "attention"}
-    final = readout_nodes(decomposed.default_readout, where)
-    layer_nodes = readout_nodes("layers", where)
-    contributions, activations, shares = [], [], {}
-    length = ids.shape[1]
-    for k, stage in enumerate(stages):
+    readout, length = decomposed.default_readout, ids.shape[1]
+    contributions: list[torch.Tensor | None] = [None] * len(stages)
+    activations: list[torch.Tensor | None] = [None] * len(stages)
+    shares: dict[tuple[int, int], torch.Tensor] = {}
+    later = [s.readout for s in stages[1:]]
+    if progress is not None:
+        progress(0, len(stages), "tokens")
+    found = decomposed.attribute(ids, seed=tokens(), readout=[readout, *later, "layers"], positions="all",
+                                 targets="all" if readout == "logits" else None)
+    real = found[readout].total[0]
+    resolved = resolve_target(decomposed, real, target)
+    value = float(resolved.of(real))
+    contributions[0] = resolved.of(found[readout].components[:, 0])
+    activations[0] = found["layers"].total[0, 0].norm(dim=-1)          # the real value entering layer 0: embeddings
+
+    def read_stages(numbers: list[int], results: dict[str, Attribution]) -> None:
+        """The shares of every node after stage ``numbers[b]``, prompt ``b``'s stage in a pass's ``results``."""
+        for t in range(numbers[0] + 1, len(stages)):
+            result = results[stages[t].readout]
+            # [B, N, F] or, flattened, [B·N, F] (batch-major)
+            real_t = result.total.reshape(len(numbers), length, result.total.shape[-1])
+            parts_t = result.components.reshape(len(result.components), len(numbers), length, -1)
+            found_t, norms = _stage_shares(stages[t], where, real_t, parts_t, weights.get(stages[t].layer))
+            for prompt, k in enumerate(numbers):
+                if k < t:
+                    shares[k, t] = found_t[:, prompt]
+            if numbers[0] == 0:
+                activations[t] = norms[0]
+
+    read_stages([0], found)
+    number = {(s.kind, s.layer): k for k, s in enumerate(stages) if s is not None}
+    done = 1
+    pending = [(kind, *chunk) for kind in ("attention", "mlp") for chunk in _chunks(decomposed, where, ids, kind)]
+    while pending:
+        kind, first, count = pending.pop(0)
         if progress is not None:
-            progress(k, len(stages), "tokens" if stage is None else f"layer {stage.layer} {stage.kind}")
-        later = list(range(k + 1, len(stages)))
-        nodes = final + [stages[t].node(where) for t in later] + (layer_nodes if stage is None else [])
-        (real, parts), *outputs = _decompose(decomposed, ids, where, tokens() if stage is None else stage, nodes)
-        if stage is None:
-            resolved = resolve_target(decomposed, real[0], target)
-            value = float(resolved.of(real[0]))
-            layer_outputs = outputs[len(later):]
-            layer_parts = torch.stack([p for _, p in layer_outputs])
-            embeddings = layer_outputs[0][0][0]                                 # real value entering layer 0, the prompt
-            activations.append(embeddings.norm(dim=-1))
-        contributions.append(resolved.of(parts[:, 0]))
-        for t, (real_t, parts_t) in zip(later, outputs):
-            # [1, N, F] or, flattened, [N, F] (one prompt) → [N, F]
-            real_t, parts_t = real_t.reshape(length, -1), parts_t.reshape(len(parts_t), length, -1)
-            out, part_out = _node_outputs(stages[t], where, real_t, parts_t, weights.get(stages[t].layer))
-            shares[k, t] = _shares(out, part_out)
-            if stage is None:
-                activations.append(out.norm(dim=-1))
+            progress(done, len(stages), f"layers {first}–{first + count - 1} {kind}" if count > 1 else f"layer {first} {kind}")
+        k0 = number[kind, first]
+        names = [s.readout for s in stages[k0 + 1:]]
+        target_readout, spec = _target_readout(resolved)
+        try:
+            results = decomposed.attribute(ids.repeat(count, 1), seed=_Stages(kind, first, count),
+                                           readout=[target_readout, *names], positions="all",
+                                           targets=spec if spec is not None else "all" if target_readout == "logits" else None)
+        except OutOfMemoryEstimateError:
+            if count == 1:
+                raise
+            half = count // 2
+            pending[:0] = [(kind, first, half), (kind, first + half, count - half)]
+            continue
+        final = results[target_readout]
+        numbers = [number[kind, first + prompt] for prompt in range(count)]
+        for prompt, k in enumerate(numbers):
+            if spec is not None:                                                 # the target's own logit at the last position
+                contributions[k] = final.components[:, prompt, -1, 0]
+            else:
+                contributions[k] = resolved.of(final.components[:, prompt])
+        read_stages(numbers, results)
+        done += count
     if progress is not None:
         progress(len(stages), len(stages), "done")
-    return _Passes(resolved, value, contributions, activations, shares, layer_parts)
+    return _Passes(resolved, value, contributions, activations, shares, found["layers"].components)
+
+
+def _target_readout(target: Target) -> tuple[str, int | None]:
+    """The readout a stage pass reads for ``target`` and, for one logit at the last position, its token (read as
+    ``attribute``'s target, through the head's row); otherwise ``None``: the whole readout is read.  Every position
+    is read: a pass read at the last position only would not split the positions of the last MLP stage."""
+    if target.readout == "logits" and target.token >= 0:
+        one = torch.zeros_like(target.weights)
+        one[-1, target.token] = 1.0
+        if torch.equal(target.weights, one):
+            return "logits", target.token
+    return target.readout, None
+
+
+def _chunks(decomposed: DecomposedModel, where: Locations, ids: torch.Tensor, kind: str) -> list[tuple[int, int]]:
+    """``(first layer, count)`` of each batch of ``kind`` stages (Note [Stages in a batch]): about
+    :data:`BATCH_COMPONENTS` components a pass, one stage a pass where the values have no batch axis."""
+    layers = len(where.blocks)
+    stages = [_Stage(kind, layer) for layer in range(layers)]
+    if any(_batch_axis(where, s.node(where)) is None for s in stages):
+        size = 1
+    else:
+        components = (where.num_heads if kind == "attention" else 1) * ids.shape[1] + 1
+        size = max(1, BATCH_COMPONENTS // components)
+    return [(first, min(size, layers - first)) for first in range(0, layers, size)]
 
 
 def _assemble(decomposed: DecomposedModel, ids: torch.Tensor, heads: int, stages: list[_Stage | None], passes: _Passes,

@@ -5,11 +5,15 @@
   the language-model head, or an encoder's ``last_hidden_state``;
 * ``"layers"``: the residual stream entering the first block and leaving every block (no final norm),
   stacked on a leading layer axis: ``[layers + 1, components, …]``;
+* ``"layer L heads"``: the input of layer L's attention output projection (what the ``heads(L)`` seed splits);
+* ``"layer L mlp"``: what layer L's MLP adds to the residual stream (the attribution graph's nodes read both);
 * any module path (``DecomposedModel.locations()`` lists them): that module's output.
 
 Several readouts come from one decomposed pass.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.fx
@@ -20,6 +24,8 @@ from .locations import Locations, module_path
 __all__ = ["READOUTS", "readout_nodes"]
 
 READOUTS = ("logits", "hidden", "layers")
+#: ``"layer L heads"`` and ``"layer L mlp"`` (module paths have no spaces)
+_LAYER_PART = re.compile(r"layer (-?\d+) (heads|mlp)")
 
 
 def _head_path(model: torch.nn.Module) -> str | None:
@@ -51,6 +57,10 @@ def readout_nodes(readout: str, where: Locations) -> list[torch.fx.Node]:
             return [captured.outputs["last_hidden_state"]]
         raise InvalidReadoutError(f"could not find the final hidden state of {type(model).__name__}")
     try:
+        part = _LAYER_PART.fullmatch(readout)
+        if part is not None:
+            layer = int(part.group(1))
+            return [Locations.features(where.output_projection(layer)) if part.group(2) == "heads" else where.mlp_output(layer)]
         if readout == "layers":
             return [where.residual_entering(0)] + [where.block_output(i) for i in range(len(where.blocks))]
         return [where.module_output(readout)]

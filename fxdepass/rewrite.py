@@ -20,7 +20,7 @@ from fxdepass.rules.activations import allocate
 from fxdepass.rules.linear import linear_map
 from fxdepass.rules.products import symmetric_product
 
-from .analysis import ACTIVATION, GATE, PRODUCT, Analysis, analyse, normalize_args
+from .analysis import ACTIVATION, GATE, PRODUCT, Analysis, NodeInfo, analyse, normalize_args
 from .capture import CapturedModel
 from .errors import FxDePassError, InvalidReadoutError, node_location
 from .registry import Kind, rest_only
@@ -98,7 +98,8 @@ def build_module(
     prefix: str = "",
 ) -> torch.fx.GraphModule:
     """Generate the decomposed module: ``forward(*inputs) -> ((real, components) per readout)``."""
-    analysis = analyse(captured.graph, [p.node for p in points], readouts, policy.variant)
+    analysis = analyse(captured.graph, [p.node for p in points], readouts, policy.variant,
+                       [p.node for p in points if p.carries])
     if policy.attention == "routed":
         _check_routable(analysis)
     starts = {p.node: p for p in points}
@@ -139,7 +140,16 @@ def build_module(
                 if missing:
                     raise FxDePassError(f"the seed at {node.name} ({node_location(node)}) needs {missing}, "
                                         "which the model computes only after it")
-                emitted = (point.split, (real[node], *(real[n] for n in point.inputs)), kwargs)
+                carried = []
+                if point.carries:
+                    carried = [None]
+                    if node in analysis.carried:
+                        carried = [graph.create_node("call_function", *_emit(node, analysis, real, parts, captured, policy,
+                                                                             sink, analysis.carried[node]),
+                                                     name=real[node].name + "_carried")]
+                        carried[0].meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+                        carried[0].meta["fxdepass_real"] = real[node]
+                emitted = (point.split, (real[node], *carried, *(real[n] for n in point.inputs)), kwargs)
             else:
                 try:
                     emitted = _emit(node, analysis, real, parts, captured, policy, sink)
@@ -178,9 +188,10 @@ def _emit(
     captured: CapturedModel,
     policy: Policy,
     sink: torch.fx.Node | None,
+    info: NodeInfo | None = None,
 ) -> tuple[Any, tuple, dict]:
-    """The call (function, args, kwargs) computing ``node``'s components."""
-    info = analysis.info[node]
+    """The call (function, args, kwargs) computing ``node``'s components (as ``info`` says; default: the analysis)."""
+    info = analysis.info[node] if info is None else info
     if info.flavour in (ACTIVATION, GATE):
         kwargs = {"mode": policy.activation, "temperature": policy.temperature}
         if sink is not None:

@@ -35,12 +35,15 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class SeedPoint:
     """One place where components start: ``split(value, *inputs, **kwargs)`` gives them (rest last);
-    ``inputs`` are real values the split also needs (computed before ``node``)."""
+    ``inputs`` are real values the split also needs (computed before ``node``).  A ``carries`` point's split
+    is ``split(value, carried, *inputs, **kwargs)``, ``carried`` being the components earlier points give
+    ``node`` (``None`` where none reach it; Note [Carrying seeds] in fxdepass/analysis.py)."""
 
     node: torch.fx.Node
     split: Callable[..., torch.Tensor]
     kwargs: dict[str, Any]
     inputs: tuple[torch.fx.Node, ...] = ()
+    carries: bool = False
 
 
 class Seed:

@@ -84,7 +84,8 @@ def test_graph_writes_every_format_with_progress(model, tmp_path: Path, capsys) 
     (slug,) = [g["slug"] for g in json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]]
     _check_file(tmp_path / f"{slug}.json", "json", prompt.split())
     assert "explained fraction" in out and "kept" in out
-    assert re.search(r"built in \d+\.\d s \(5 decomposed passes\)", out)          # tokens + 2 layers × (attention, MLP)
+    # tokens + 2 layers × (attention, MLP); the build time in units of one token-level attribution (issue 19)
+    assert re.search(r"built in \d+\.\d s = \d+\.\d × one token-level attribution \(\d+\.\d\d s\) \(5 stages\)", out)
     bars = [line for line in err.splitlines() if "] " in line and "/" in line]
     assert bars[-1].startswith("fxdepass: [########") and "done" in bars[-1]
 

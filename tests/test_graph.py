@@ -208,3 +208,104 @@ def test_flattened_projections_give_exact_graphs(family: str) -> None:
             for p in range(IDS.shape[1]):
                 if graph.has_node(f"L0H{h}@{p}"):
                     assert graph.nodes[f"L0H{h}@{p}"]["activation"] == pytest.approx(float(direct[p]), rel=HF_FORWARD)
+
+
+def _reference_stage(decomposed, model, kind: str, layer: int, target: int) -> tuple[torch.Tensor, dict]:
+    """One stage's own pass through the public API: a custom seed splitting the stage's value (heads by head and
+    position, the MLP output by position), reading the target and every later stage's value."""
+    heads, length = model.config.num_attention_heads, IDS.shape[1]
+    layers = model.config.num_hidden_layers
+
+    def by_position(value: torch.Tensor) -> torch.Tensor:                 # [1, N, F] → [N, 1, N, F]
+        return torch.stack([value * (torch.arange(length) == p).to(value.dtype)[None, :, None] for p in range(length)])
+
+    def by_head_and_position(value: torch.Tensor) -> torch.Tensor:        # head-major, as the graph's node ids
+        width = value.shape[-1] // heads
+        masks = [(torch.arange(value.shape[-1]) // width == h).to(value.dtype) for h in range(heads)]
+        return torch.cat([by_position(value * m) for m in masks])
+
+    if kind == "attention":
+        seed = fxdepass.custom(f"model.layers.{layer}.self_attn.o_proj", where="input", split=by_head_and_position)
+    else:
+        seed = fxdepass.custom(f"model.layers.{layer}.mlp", where="output", split=by_position)
+    later = [(t, k) for t in range(layers) for k in ("attention", "mlp")]
+    later = later[later.index((layer, kind)) + 1:]
+    names = [f"layer {t} {'heads' if k == 'attention' else 'mlp'}" for t, k in later]
+    found = decomposed.attribute(IDS, seed=seed, readout=["logits", *names], targets=target, positions="all", strict=True)
+    return found["logits"].scores(), {stage: found[name] for stage, name in zip(later, names)}
+
+
+def _outputs(model, kind: str, layer: int, value: torch.Tensor) -> torch.Tensor:
+    """What each node of a stage writes into the residual stream, ``[..., nodes, D]``, from its value ``[..., N, F]``."""
+    if kind == "mlp":
+        return value
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach()         # [D, H·dh]
+    heads = model.config.num_attention_heads
+    width = weight.shape[1] // heads
+    per_head = [value[..., h * width:(h + 1) * width] @ weight[:, h * width:(h + 1) * width].T for h in range(heads)]
+    return torch.cat(per_head, dim=-2)
+
+
+def _node_id(kind: str, layer: int, index: int) -> str:
+    length = IDS.shape[1]
+    return f"L{layer}MLP@{index}" if kind == "mlp" else f"L{layer}H{index // length}@{index % length}"
+
+
+def test_batched_stages_equal_one_pass_per_stage(llama, graphs) -> None:
+    """Note [Stages in a batch]: the graph's stages share batched passes; every contribution and edge equals what
+    one pass per stage, through the public API with custom seeds, gives (float64, 1e-12 of the largest weight)."""
+    model, decomposed = llama
+    full, _ = graphs
+    target = full.graph["target_token"]
+    scale = max(abs(w) for _, _, w in full.edges(data="weight"))
+    checked = 0
+    for layer in range(model.config.num_hidden_layers):
+        for kind in ("attention", "mlp"):
+            scores, later = _reference_stage(decomposed, model, kind, layer, target)
+            for index, contribution in enumerate(scores[:-1].tolist()):
+                node = _node_id(kind, layer, index)
+                if not full.has_node(node):
+                    assert abs(contribution) <= 1e-12 * scale
+                    continue
+                assert abs(full.nodes[node]["contribution"] - contribution) <= 1e-12 * scale
+                for (t, k), result in later.items():
+                    real = _outputs(model, k, t, result.total[0])                                  # [nodes, D]
+                    parts = _outputs(model, k, t, result.components[index, 0])
+                    shares = (parts * real).sum(-1) / (real * real).sum(-1)
+                    for j, share in enumerate(shares.tolist()):
+                        other = _node_id(k, t, j)
+                        if full.has_node(other):
+                            expected = share * full.nodes[other]["contribution"]
+                            actual = full.edges[node, other]["weight"] if full.has_edge(node, other) else 0.0
+                            assert abs(actual - expected) <= 1e-12 * scale, (node, other)
+                            checked += 1
+    assert checked > 300
+
+
+def test_the_memory_guard_sees_every_pass_and_refused_batches_split(llama, graphs, monkeypatch) -> None:
+    """Every pass goes through ``attribute`` (its memory guard): refusing every batch of more than one prompt leaves
+    one pass per stage, and the same graph."""
+    _, decomposed = llama
+    full, _ = graphs
+    attribute, batches = type(decomposed).attribute, []
+
+    def refusing(self, input_ids, **kwargs):
+        batches.append((len(input_ids), type(kwargs.get("seed")).__name__))
+        if len(input_ids) > 1:
+            raise fxdepass.OutOfMemoryEstimateError("refused for the test")
+        return attribute(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(type(decomposed), "attribute", refusing)
+    alone = build_graph(decomposed, IDS, node_threshold=1.0, edge_threshold=1.0)
+    assert batches.count((2, "_Stages")) == 2 and batches.count((1, "_Stages")) == 2 * 2    # refused, then alone
+    assert set(alone.edges) == set(full.edges)
+    scale = max(abs(w) for _, _, w in full.edges(data="weight"))
+    assert max(abs(w - full.edges[e]["weight"]) for e, w in _weights(alone).items()) <= 1e-12 * scale
+    monkeypatch.setattr(type(decomposed), "attribute", attribute)
+    monkeypatch.setattr(fxdepass.api, "_available_memory", lambda: 1024)
+    with pytest.raises(fxdepass.OutOfMemoryEstimateError):
+        build_graph(decomposed, IDS)
+
+
+def _weights(graph) -> dict:
+    return {(s, t): w for s, t, w in graph.edges(data="weight")}

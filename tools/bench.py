@@ -505,7 +505,12 @@ def main() -> int:
     Path(args.out).parent.mkdir(exist_ok=True)
     raw.write_text(json.dumps({"rows": rows, "failures": failures, "variants": variants, "distributed": distributed},
                               indent=1) + "\n")
-    Path(args.out).write_text(report(rows, failures, wall, variants, only=args.only, distributed=distributed))
+    from graph_time import section  # tools/graph_time.py writes the graphs section; it is kept
+
+    previous = Path(args.out).read_text() if Path(args.out).exists() else ""
+    kept_graphs = section(previous)
+    Path(args.out).write_text(report(rows, failures, wall, variants, only=args.only, distributed=distributed)
+                              + ("\n" + kept_graphs if kept_graphs else ""))
     print(f"wrote {args.out} and {raw}")
     return 0
 
