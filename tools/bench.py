@@ -35,8 +35,9 @@ SIZES = {"small": dict(hidden=256, layers=4, heads=4, intermediate=1024, vocab=V
          # SmolLM2-135M-Instruct (fxdepass.load("smollm2")): 9 query heads share 3 key/value heads
          "real": dict(hidden=576, layers=30, heads=9, intermediate=1536, vocab=49152, kv_heads=3)}
 LENGTHS = (16, 32, 64, 128, 256)
-#: N·d from which the batched forward is timed on N/SCALE copies and scaled (medium N ≥ 128)
-LARGE = 128 * 768
+#: multiply-adds of the batched forward from which it is timed on N/SCALE copies and scaled (the medium
+#: models and SmolLM2 at N ≥ 128: SmolLM2's 30 layers and 49k-token head cost more than its width says)
+LARGE = 1e12
 SCALE = 16
 #: the memory target: peak ≤ BUDGET · U + weights, U = (M+1)·N·d·4 bytes
 BUDGET = 2.5
@@ -77,11 +78,20 @@ def flop_floor(family: str, size: str, n: int, read: str = "target") -> float:
     s = SIZES[size]
     d, i, layers, vocab = s["hidden"], s["intermediate"], s["layers"], s["vocab"]
     kv = d * s.get("kv_heads", s["heads"]) // s["heads"]  # width of the key and value projections
-    gated = family in ("llama", "mixtral", "smollm2")
-    forward = layers * (2 * d * d + 2 * d * kv + (3 if gated else 2) * d * i) * n * n + vocab * d * n * n
+    forward = forward_macs(family, size, n)
     rows = {"target": 1, "vocab": vocab, "full": vocab * n}[read]
     decomposed = layers * (d * kv + d * d + 2 * d * i) * (n + 1) * (n + 1) / 2 + rows * d * (n + 1)
     return decomposed / forward
+
+
+def forward_macs(family: str, size: str, n: int) -> float:
+    """Matmul multiply-adds of the plain forward on a batch of N copies of an N-token prompt (queries,
+    keys, values, output, MLP and head; attention's own products left out)."""
+    s = SIZES[size]
+    d, i, layers, vocab = s["hidden"], s["intermediate"], s["layers"], s["vocab"]
+    kv = d * s.get("kv_heads", s["heads"]) // s["heads"]
+    gated = family in ("llama", "mixtral", "smollm2")
+    return (layers * (2 * d * d + 2 * d * kv + (3 if gated else 2) * d * i) + vocab * d) * n * n
 
 
 def seed_for(kind: str, layers: int, hidden: int) -> object:
@@ -154,6 +164,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int, read: str =
     import fxdepass
 
     torch.set_num_threads(2)
+    load = os.getloadavg()[0]  # the machine's 1-minute load average, at the start and end of the row
     model = build(family, size)
     ids = torch.randint(0, SIZES[size]["vocab"], (1, n), generator=torch.Generator().manual_seed(n))
     start = time.perf_counter()
@@ -175,7 +186,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int, read: str =
     components = attribution.components.shape[0]
     # The forward's cost is linear in the batch: the largest are timed on a sixteenth of the copies (to
     # keep `make bench` within its time budget) and scaled by 16; the report marks them.
-    copies = n // SCALE if n * SIZES[size]["hidden"] >= LARGE else n
+    copies = n // SCALE if forward_macs(family, size, n) >= LARGE else n
     batch = ids.expand(copies, n).contiguous()
     forwards = []
     with torch.no_grad():
@@ -203,6 +214,7 @@ def run_one(family: str, size: str, n: int, kind: str, repeats: int, read: str =
         "process_rss": memory.peak, "weights": weights,
         "budget": BUDGET * unit(components, n, size) + alone + weights + result_bytes(components, n, size, read),
         "error": attribution.reconstruction_error(), "forward_scaled": copies != n,
+        "load": [load, os.getloadavg()[0]],
     }
 
 
@@ -360,6 +372,15 @@ def over_budget(rows: list[dict]) -> str:
             "+ the plain forward's own peak + the result): " + "; ".join(listed) + ".")
 
 
+def load_line(rows: list[dict]) -> str:
+    """The machine's load during the rows (other processes slow both sides of a ratio, not always alike)."""
+    loads = [x for r in rows for x in r.get("load", ())]
+    if not loads:
+        return ""
+    return (f" Load during the rows (1-minute load average at each row's start and end, {os.cpu_count()} cores): "
+            f"{min(loads):.1f} to {max(loads):.1f}, median {statistics.median(loads):.1f}.")
+
+
 def report(rows: list[dict], failures: list[str], wall: float, variants: list[dict], only: str | None = None,
            distributed: list[dict] | None = None) -> str:
     mb = 1 / 2**20
@@ -370,7 +391,8 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, float32, `OMP_WAIT_POLICY=PASSIVE`, "
         f"{torch.get_num_threads()} threads. "
         + (f"Rows of {only} rerun with `python tools/bench.py --only {only}` ({wall / 60:.1f} min); the others are kept "
-           "from the last whole run (docs/performance.json)." if only else f"Whole run: {wall / 60:.1f} min."),
+           "from the last whole run (docs/performance.json)." if only else f"Whole run: {wall / 60:.1f} min.")
+        + load_line(rows),
         "",
         "Each configuration runs in its own process. *ratio* = attribution time (median of 3, token seed unless "
         "stated, read-out at the last position and target row, causal blocks) ÷ the plain forward of the model on a "
