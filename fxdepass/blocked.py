@@ -778,7 +778,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
             logits[0][-1].masked_fill_(stat(0, nothing), 0.0)
         top.masked_fill_(nothing, 0.0)
         # one pass (z/T − max/T) unless its rounding could blow up at a tiny temperature
-        one_pass = scale * float(top.abs().max()) * torch.finfo(top.dtype).eps <= ROUNDED_EXPONENT
+        one_pass = top.is_meta or scale * float(top.abs().max()) * torch.finfo(top.dtype).eps <= ROUNDED_EXPONENT  # meta: no values
         lowered = top.mul_(-scale) if one_pass else top
         total = torch.zeros_like(top)
         for k, logit in enumerate(logits):

@@ -114,7 +114,15 @@ def forward_hooks(model: torch.nn.Module) -> dict[tuple[str, str, int], Any]:
     """
     return {(path, kind, key): hook for path, module in model.named_modules()
             for kind, hooks in (("forward", module._forward_hooks), ("forward-pre", module._forward_pre_hooks))
-            for key, hook in hooks.items()}
+            for key, hook in hooks.items() if not _records_outputs(hook)}
+
+
+def _records_outputs(hook: Any) -> bool:
+    """Whether ``hook`` is transformers' own: a model called with ``output_attentions`` or
+    ``output_hidden_states`` installs hooks that record those outputs and change nothing (the graph and the
+    evaluation call the model so), and they stay on the model."""
+    function = getattr(hook, "func", hook)  # functools.partial
+    return getattr(function, "__module__", "").startswith("transformers.")
 
 
 def _same_size(dim: Any, size: Any) -> bool:

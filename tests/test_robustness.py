@@ -503,7 +503,7 @@ HALVES = lambda v: torch.stack((v / 2, v / 2))  # noqa: E731
     (lambda: fxdepass.compile(MODEL, dtype=torch.int64), fxdepass.InvalidInputError, "dtype=torch.int64: give a floating-point"),
     (lambda: fxdepass.compile(MODEL, dtype="float64"), fxdepass.InvalidInputError, "dtype='float64'"),
     (lambda: fxdepass.compile(MODEL, dtype=torch.complex64), fxdepass.InvalidInputError, "dtype=torch.complex64"),
-    (lambda: fxdepass.compile(MODEL, temperature="0.1"), fxdepass.InvalidInputError, "temperature must be a real number"),
+    (lambda: fxdepass.compile(MODEL, temperature="0.1"), fxdepass.InvalidInputError, "temperature must be a positive number"),
     (lambda: fxdepass.compile(None), fxdepass.InvalidInputError, "compile() takes a torch.nn.Module"),
     (lambda: DECOMPOSED.attribute(IDS5, seed=fxdepass.custom("model.layers.1.mlp", split=lambda v: None)),
      fxdepass.InvalidSeedError, "split returned NoneType, not a tensor"),
