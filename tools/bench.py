@@ -509,18 +509,16 @@ def main() -> int:
             reason = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
             failures.append(f"{name}: {reason}")
             print("FAILED", failures[-1], flush=True)
-    variants = kept["variants"]
-    if not args.only:
-        done = subprocess.run([sys.executable, __file__, "--variants"], capture_output=True, text=True, timeout=900)
-        variants = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    def section_rows(flag: str) -> list[dict]:
+        """A section's rows from its own process (``--variants``, ``--distributed``); a failure is listed."""
+        done = subprocess.run([sys.executable, __file__, f"--{flag}"], capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            failures.append("variants: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
-    distributed = kept["distributed"]
-    if not args.only:
-        done = subprocess.run([sys.executable, __file__, "--distributed"], capture_output=True, text=True, timeout=900)
-        distributed = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
-        if done.returncode != 0:
-            failures.append("distributed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+            failures.append(f"{flag}: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+            return []
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    variants = kept["variants"] if args.only else section_rows("variants")
+    distributed = kept["distributed"] if args.only else section_rows("distributed")
     order = {config[:4] + config[5:]: i for i, config in enumerate(configurations())}
     rows.sort(key=lambda r: order.get((r["family"], r["size"], r["n"], r["seed"], r["read"]), len(order)))
     wall = time.perf_counter() - began
