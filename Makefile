@@ -40,7 +40,7 @@ test: env browsers
 test-oldest:
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) pytest
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST) pytest hypothesis
 	$(OLDEST_VENV)/bin/python -m pip install -q .
 	$(OLDEST_VENV)/bin/python -I -c 'import sys, importlib.metadata as m, fxdepass; \
 	  held = {s.split("==")[0]: s.split("==")[1] for s in sys.argv[1:]}; \
