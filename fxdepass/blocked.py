@@ -283,15 +283,34 @@ def _exclude_sink(logits: torch.Tensor, component: int, own: int, count: int, po
         row.narrow(position_axis, own + 1, length - own - 1).fill_(float("-inf"))
 
 
+def _reads_index(node: torch.fx.Node) -> bool:
+    """Whether a real value ``node`` is an index or mask (integer or boolean): a gather, scatter or
+    permutation by it may move rows between positions (the rows sorted by expert in a mixture of experts)."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and not (value.dtype.is_floating_point or value.dtype.is_complex)
+
+
 def position_wise_tail(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: sympy.Symbol | None) -> set[torch.fx.Node]:
-    """Component nodes after the last one that mixes positions (attention applied to values: a rule
-    reading a real value with two position axes): position-wise, so a pass read at the last position
-    only computes them there (cached on the module)."""
+    """Component nodes after the last one that may mix positions: attention applied to values (a rule
+    reading a real value with two position axes), a rule reading a real index or mask, or one reading
+    components with no position axis to narrow (rows of tokens × experts).  The tail is position-wise, so
+    a pass read at the last position only computes it there (cached on the module).
+
+    An index counts as mixing even where it does not move rows across positions: ending the tail too early
+    costs memory, ending it too late reads positions the pass no longer holds.
+    """
     key = ("position_wise_tail", symbol, batch)
     if key not in module.meta:
         nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
-        mixing = [i for i, n in enumerate(nodes) if n.target in (scaled_dot_product_attention, routed_attention)
-                  or any(len(_position_axes(a, symbol, batch)) > 1 for a in n.all_input_nodes if "fxdepass_real" not in a.meta)]
+
+        def mixes(node: torch.fx.Node) -> bool:
+            reals = [a for a in node.all_input_nodes if "fxdepass_real" not in a.meta]
+            components = [a for a in node.all_input_nodes if "fxdepass_real" in a.meta]
+            return (node.target in (scaled_dot_product_attention, routed_attention)
+                    or any(len(_position_axes(a, symbol, batch)) > 1 or _reads_index(a) for a in reals)
+                    or any(not _position_axes(a.meta["fxdepass_real"], symbol, batch) for a in components))
+
+        mixing = [i for i, n in enumerate(nodes) if mixes(n)]
         module.meta[key] = set(nodes[mixing[-1] + 1:] if mixing else nodes)
     return module.meta[key]
 
