@@ -820,7 +820,8 @@ class DecomposedModel:
         weight, bias = logits.args[1], (logits.args[2] if len(logits.args) > 2 else None)
         if weight.name not in tensors or (bias is not None and bias.name not in tensors):
             return None
-        return tensors[weight.name], None if bias is None else tensors[bias.name]
+        # detached: the target rows are computed outside the pass's no_grad, and need no autograd graph
+        return tensors[weight.name].detach(), None if bias is None else tensors[bias.name].detach()
 
     def _position_wise(self, captured: CapturedModel, module: torch.fx.GraphModule) -> bool:
         """Whether no component op of ``module`` reduces or gathers over positions (MoE routing does),

@@ -123,7 +123,7 @@ def patch_top(ids: torch.Tensor, chosen: Sequence[int]) -> torch.Tensor:
     >>> patch_top(torch.tensor([1, 5, 6, 7, 9]), [3, 1]).tolist()
     [1, 6, 9]
     """
-    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
     keep[list(chosen)] = False
     return ids[keep]
 
@@ -372,7 +372,7 @@ def _shares(decomposed: DecomposedModel, hidden: Any, specs: Sequence[Any]) -> t
     weight = head.weight.to(components.dtype)
     bias = None if head.bias is None else head.bias.to(components.dtype)
     logits = torch.nn.functional.linear(total, weight, bias)                            # [B, V]
-    shares = torch.empty(components.shape[:2], dtype=components.dtype)
+    shares = components.new_empty(components.shape[:2])
     for row, spec in enumerate(specs):
         target = as_target(spec)
         coefficients = target.coefficients(logits[row:row + 1])                          # [1, V]
@@ -510,7 +510,7 @@ def attention_rollout(model: torch.nn.Module) -> TokenMethod:
 
     def scores(prompt: Prompt) -> torch.Tensor:
         maps = _attention_maps(model, prompt).mean(1)
-        identity = torch.eye(maps.shape[-1])
+        identity = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
         rollout = identity
         for layer in maps:
             mixed = 0.5 * layer + 0.5 * identity  # the residual connection carries half of each position
@@ -830,7 +830,7 @@ def evaluate_components(model: torch.nn.Module, prompts: Sequence[Prompt], metho
                     for p in percents:
                         key = tuple(sorted(ranked[:counts[part][p]].tolist()))   # the same mask runs once
                         plans[(name, most, p)] = rows.setdefault(key, len(rows) + 1)
-            mask = torch.zeros(len(rows) + 1, math.prod(shapes[part]), dtype=torch.bool)   # row 0: unmasked
+            mask = torch.zeros(len(rows) + 1, math.prod(shapes[part]), dtype=torch.bool, device=prompt.ids.device)  # row 0: unmasked
             for key, row in rows.items():
                 mask[row, list(key)] = True
             logits = masked_predictions(model, prompt.ids, {part: mask.view(-1, *shapes[part])})

@@ -150,6 +150,16 @@ def test_float32_default_dtype(llama) -> None:
     assert attribution.reconstruction_error() <= 1e-4
 
 
+@pytest.mark.filterwarnings("error")
+def test_results_carry_no_autograd_graph(llama) -> None:
+    # the model's parameters require grad; the target rows read the live head weight after the pass
+    assert all(p.requires_grad for p in llama.parameters())
+    for target in (None, 7, fxdepass.logprob(7)):
+        attribution = fxdepass.compile(llama).attribute(torch.tensor([[3, 1, 4, 1, 5]]), targets=target)
+        assert not attribution.components.requires_grad and not attribution.total.requires_grad
+        assert attribution.reconstruction_error() <= 1e-4
+
+
 def test_encoder_reads_out_last_hidden_state() -> None:
     model = families.build("bert", seed=1)
     decomposed = fxdepass.compile(model, dtype=torch.float64)
