@@ -31,8 +31,11 @@ env: $(BIN)/.installed
 demo: env
 	$(BIN)/python tools/demo.py
 
+# One pytest-xdist worker per core (whole test files per worker, so module fixtures are built once each).
+TEST_WORKERS ?= 2
+
 test: env browsers
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # `pip install .` into a fresh environment that already holds the oldest supported releases keeps them
 # (checked), and the smoke tests pass against the installed package: pytest's console script does not put
