@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -213,6 +214,12 @@ READS = {"target row": dict(targets=[1]), "every logit, last position": dict(tar
          "log-probability, every position": dict(targets=fxdepass.logprob(1), positions="all")}
 
 
+@functools.cache
+def _compiled_for_memory(family: str, attention: str) -> fxdepass.DecomposedModel:
+    """One compiled model per family and attention policy, shared by the reads (each read builds its own module)."""
+    return fxdepass.compile(families.build(family, layers=2), attention=attention)
+
+
 @pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("family, seed, attention", [("llama", fxdepass.tokens(), "frozen"), ("llama", fxdepass.heads(1), "frozen"),
                                                      ("gpt2", fxdepass.tokens(), "frozen"), ("mixtral", fxdepass.tokens(), "frozen"),
@@ -224,9 +231,8 @@ def test_memory_estimate_is_near_the_measured_peak(family: str, seed: object, at
     small fixed costs, so 64 KiB of them are allowed beyond the 3/4; before, reading the last position only left the estimate at
     every position's, and every logit at every position was 0.66× the peak on SmolLM2; attention="routed"
     fell far below the 3/4 before its score parts were counted)."""
-    model = families.build(family, layers=2)
     ids = torch.randint(0, families.VOCAB, (1, 64), generator=torch.Generator().manual_seed(1))
-    decomposed = fxdepass.compile(model, attention=attention)
+    decomposed = _compiled_for_memory(family, attention)
     estimate = decomposed.attribute(ids, seed=seed, **READS[read]).memory_estimate
     peak = load_tool("bench").allocator_peak(lambda: decomposed.attribute(ids, seed=seed, **READS[read]))
     assert 0.75 * peak - 64 * 1024 <= estimate <= 3 * peak, (estimate, peak)

@@ -278,13 +278,15 @@ def test_reduced_precision_models(device, dtype) -> None:
     assert relative_error(wider.scores().double(), exact.double()) <= 8 * eps
 
 
-def test_bf16_smollm2_against_its_float32_scores(smollm2) -> None:
-    """SmolLM2 in bfloat16 against the same model in float32, token scores of the target token, within a
-    multiple of the bf16 forward's own deviation (the bound and why: ``BF16_FACTOR`` in tools/device_check.py)."""
+def test_bf16_smollm2_against_its_float32_scores(smollm2, smollm2_float64) -> None:
+    """SmolLM2 in bfloat16 against the same float32 weights, token scores of the target token, within a
+    multiple of the bf16 forward's own deviation (the bound and why: ``BF16_FACTOR`` in tools/device_check.py).
+    The reference scores are computed in float64 (the suite's compiled SmolLM2): float32's own error, about
+    1e-7, is far below bf16's, about 1e-2."""
     model, tokenizer = smollm2
     low = copy.deepcopy(model).to(torch.bfloat16)
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
-    exact = fxdepass.compile(model, tokenizer=tokenizer).attribute(ids, targets=" Berlin")
+    exact = smollm2_float64.attribute(ids, targets=" Berlin")
     bf16 = fxdepass.compile(low, tokenizer=tokenizer).attribute(ids, targets=" Berlin")
     assert bf16.components.dtype == torch.bfloat16 and bf16.reconstruction_error() <= fxdepass.api.TOLERANCE[torch.bfloat16]
     error = relative_error(bf16.scores().double(), exact.scores().double())
