@@ -304,11 +304,15 @@ def position_wise_tail(module: torch.fx.GraphModule, symbol: sympy.Symbol, batch
         nodes = [n for n in module.graph.nodes if "fxdepass_real" in n.meta]
 
         def mixes(node: torch.fx.Node) -> bool:
-            reals = [a for a in node.all_input_nodes if "fxdepass_real" not in a.meta]
-            components = [a for a in node.all_input_nodes if "fxdepass_real" in a.meta]
-            return (node.target in (scaled_dot_product_attention, routed_attention)
-                    or any(len(_position_axes(a, symbol, batch)) > 1 or _reads_index(a) for a in reals)
-                    or any(not _position_axes(a.meta["fxdepass_real"], symbol, batch) for a in components))
+            if node.target in (scaled_dot_product_attention, routed_attention):
+                return True
+            for arg in node.all_input_nodes:
+                real = arg.meta.get("fxdepass_real")  # set on components: the real value they decompose
+                if real is None and (len(_position_axes(arg, symbol, batch)) > 1 or _reads_index(arg)):
+                    return True
+                if real is not None and not _position_axes(real, symbol, batch):
+                    return True
+            return False
 
         mixing = [i for i, n in enumerate(nodes) if mixes(n)]
         module.meta[key] = set(nodes[mixing[-1] + 1:] if mixing else nodes)

@@ -14,8 +14,8 @@ import torch
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # under pytest-xdist (`make test` runs one worker per core) each worker takes one core; alone, two threads
-workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 warnings.filterwarnings("ignore", message=".*multiplies two decomposed values.*")
 
 #: outputs of the paper's own code; present in CI beside the clone, absent in a user's clone
