@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from . import rules  # noqa: F401  (the analysis reads the whole rule table: importing the rules fills it)
 from .errors import UnsupportedOpError, node_location
 from .registry import Kind, OpRule, lookup
 

@@ -6,7 +6,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import sympy
 import torch
@@ -17,6 +17,7 @@ from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, rou
 from .capture import (CapturedModel, capture, cast_floats, evaluating, forward_hooks, model_device, model_inputs,
                       position_limit, probe_ids, run_options, stamp)
 from .checks import has_data, index_groups, integer, real
+from .dataset import Record, attribute_dataset
 from .diagnose import diagnose
 from .errors import (
     CaptureError,
@@ -30,21 +31,13 @@ from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
 from .readouts import READOUTS, readout_nodes
+from .results import Attribution
 from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from .targets import LogProb, Predicted, Target, Token, TokenAt, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
 from fxdepass.rules.attention import ROUTED_CHUNK, routed_attention
-
-if TYPE_CHECKING:
-    import os
-    import pathlib
-
-    import matplotlib.figure
-    import pandas
-
-    from .dataset import Record
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
@@ -57,169 +50,6 @@ BLOCK_POSITIONS = 16
 #: but at least this many blocks: fewer leave short prompts above 2.5 residual streams of memory
 #: (llama medium, N = 16: 2.64 with two blocks, 2.44 with three, for 2% more time)
 MIN_BLOCKS = 3
-
-
-@dataclasses.dataclass
-class Attribution:
-    """Components of a readout: ``components.sum(0)`` equals ``total``.
-
-    ``components`` has the component axis first (one per source, ``rest`` last) followed by the readout's own
-    shape.  For the logits readout that is ``[batch, positions, 1]``: each prompt's target (``targets``, by
-    default the predicted token) at each read position (``positions``, by default the last); with
-    ``targets="all"`` the last axis is the whole vocabulary.  ``labels`` names each component.
-
-    >>> attribution.scores()             # each component's contribution to the target at the last position
-    >>> attribution.reconstruction_error()   # max |Σ components − total| / max |total|
-    """
-
-    components: torch.Tensor
-    total: torch.Tensor
-    labels: list[str]
-    input_ids: torch.Tensor
-    readout: str
-    #: the logits readout's target of each prompt (:mod:`fxdepass.targets`); ``None``: the whole vocabulary
-    targets: list[Target] | None = None
-    #: axis of ``components`` that indexes components (1 for the ``"layers"`` readout, else 0)
-    component_axis: int = 0
-    #: the positions read out (``None``: all of them)
-    positions: list[int] | None = None
-    #: the peak bytes (weights excluded) the memory guard estimated for the pass, before running it
-    memory_estimate: int | None = None
-    #: one readable name per prompt of its target (``"' Paris'"``, ``"log p(' Paris')"``, …)
-    target_labels: list[str] | None = None
-    #: turns target specs (token strings, diff, logprob) into checked targets, for ``scores(target)``
-    resolve_target: Any = dataclasses.field(default=None, repr=False, compare=False)
-    #: 0 at padding positions of the prompts, 1 at their tokens (``None``: no padding)
-    attention_mask: torch.Tensor | None = None
-    #: each prompt's own labels, when they differ by prompt (token components of a batch); see :meth:`labels_of`
-    prompt_labels: list[list[str]] | None = None
-    #: where the attribution comes from (model, prompts, seed, dtype, fxdepass version); saved with it
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def _position(self, position: int) -> int:
-        length = self.input_ids.shape[1]
-        if isinstance(position, bool) or not isinstance(position, int):
-            raise InvalidInputError(f"position must be an integer, got {position!r}")
-        if not -length <= position < length:
-            raise InvalidInputError(f"position {position} is outside a prompt of {length} tokens")
-        position %= length
-        if self.positions is None:
-            return position
-        if position not in self.positions:
-            raise InvalidInputError(f"position {position} was not read out (read: {self.positions}); "
-                                    "attribute(..., positions=[...]) or positions='all'")
-        return self.positions.index(position)
-
-    def scores(self, target: Any = None, position: int = -1) -> torch.Tensor:
-        """Each component's contribution to the target at ``position``: ``[components]`` for one prompt,
-        ``[components, batch]`` for several.
-
-        ``target`` defaults to the target the attribution was computed for; another (a token id or string,
-        ``fxdepass.diff``, ``fxdepass.logprob``, one per prompt as a list) needs ``targets="all"``, which
-        computed every logit, or must equal the computed one.
-
-        >>> attribution.scores()                       # the target given to attribute(), or the predicted token
-        >>> everything.scores(fxdepass.diff(" Paris", " Berlin"))                           # doctest: +SKIP
-        """
-        if self.readout != "logits":
-            raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
-        column = self._position(position)
-        batch = self.total.shape[0]
-        at_position = self.components[:, :, column]                             # [components, batch, K]
-        if target is None and self.targets is not None:
-            picked = at_position[..., 0]
-        else:
-            wanted = targets_per_prompt(target, batch, self.resolve_target)
-            if self.targets is not None:
-                if wanted != self.targets:
-                    raise InvalidInputError(f"target {target!r} was not read out (the attribution's targets: "
-                                            f"{self.target_labels}); attribute(..., targets=...) it, or targets='all'")
-                picked = at_position[..., 0]
-            else:  # every logit was computed: the target's functional, exactly (fxdepass/targets.py)
-                real = self.total[:, column]                                    # [batch, vocabulary]
-                picked = torch.stack([(at_position[:, b] * t.coefficients(real[b:b + 1])).sum(-1)
-                                      for b, t in enumerate(wanted)], 1)
-                picked[-1] += torch.stack([t.constant(real[b:b + 1])[0] for b, t in enumerate(wanted)])
-        return picked[:, 0] if batch == 1 else picked
-
-    @property
-    def target_values(self) -> torch.Tensor:
-        """The real value of each prompt's target at each read position, ``[batch, positions]``."""
-        if self.readout != "logits" or self.targets is None:
-            raise InvalidReadoutError("target_values needs the logits readout with a target (not targets='all')")
-        return self.total[..., 0]
-
-    def labels_of(self, prompt: int) -> list[str]:
-        """Prompt ``prompt``'s labels: its own tokens for token components (padding reads ``"tok 0 <pad>"``).
-        ``labels`` are prompt 0's.
-
-        >>> decomposed.attribute(["a b c", "d"]).labels_of(1)                   # doctest: +SKIP
-        ['tok 0 <pad>', 'tok 1 <pad>', "tok 2 'd'", 'rest']
-        """
-        count = self.input_ids.shape[0]
-        prompt = integer(prompt, "prompt")
-        if not -count <= prompt < count:
-            raise InvalidInputError(f"prompt {prompt} is outside the batch of {count}")
-        return self.labels if self.prompt_labels is None else self.prompt_labels[prompt]
-
-    def __repr__(self) -> str:
-        from .results import summary  # results builds on api
-
-        return summary(self)
-
-    def _repr_html_(self) -> str:
-        from .results import notebook_html
-
-        return notebook_html(self)
-
-    def to_dataframe(self) -> pandas.DataFrame:
-        """The scores as a long table (prompt, component, label, target, position, score); see
-        :func:`fxdepass.results.to_dataframe`.
-
-        >>> decomposed.attribute(["The capital of France is"]).to_dataframe().head()       # doctest: +SKIP
-        """
-        from .results import to_dataframe
-
-        return to_dataframe(self)
-
-    def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write this attribution to a safetensors file (no pickle); read it with :func:`fxdepass.load_attribution`.
-
-        >>> decomposed.attribute("The capital of France is").save("paris.safetensors")       # doctest: +SKIP
-        """
-        from .results import save
-
-        return save(self, path)
-
-    def plot(self, prompt: int | None = None, **kwargs: Any) -> matplotlib.figure.Figure:
-        """A bar chart of one prompt's scores, or a prompts × components heatmap of a batch; see
-        :func:`fxdepass.plots.plot`.
-
-        >>> decomposed.attribute("The capital of France is").plot().savefig("paris.png")     # doctest: +SKIP
-        """
-        from .plots import plot
-
-        return plot(self, prompt, **kwargs)
-
-    def reconstruction_error(self) -> float:
-        """Max relative error of the sum of components against the real value (same precision policy)."""
-        error = (self.components.sum(self.component_axis) - self.total).abs().max()
-        scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
-        return float(error / scale)
-
-    def top(self, k: int = 10, target: Any = None, position: int = -1) -> list[tuple[str, float]]:
-        """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""
-        k = integer(k, "top(k)")
-        values = self.scores(target, position)
-        values = values if values.ndim == 1 else values[:, 0]
-        order = values.abs().argsort(descending=True)[:k]
-        return [(self.labels[i], float(values[i])) for i in order.tolist()]
-
-
-def targets_per_prompt(spec: Any, batch: int, resolve: Any) -> list[Target]:
-    """The resolved target of each prompt for ``spec`` (:func:`fxdepass.targets.per_prompt`); ``resolve(spec, batch)``
-    knows the model's tokenizer and vocabulary (without it, only token ids resolve)."""
-    return resolve(spec, batch) if resolve is not None else per_prompt(spec, batch, None, None)
 
 
 class DecomposedModel:
@@ -871,8 +701,6 @@ class DecomposedModel:
         >>> for record in decomposed.attribute_dataset(prompts, batch_size=16):          # doctest: +SKIP
         ...     print(record.prompt, record.top(3))
         """
-        from .dataset import attribute_dataset  # dataset builds on api
-
         return attribute_dataset(self, prompts, batch_size=batch_size, targets=targets, progress=progress,
                                  **attribute_kwargs)
 

@@ -12,23 +12,16 @@ descendants among the drawn nodes).
 """
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import networkx as nx
 
-from .export import escape_text, signed_colour
+from .markup import _e, signed_colour
 
 __all__ = ["graph_layout", "graph_figure"]
 
 #: pixels: a node box, the gap between boxes of one cell, between rows, and the margin for row labels
 _BOX_WIDTH, _BOX_HEIGHT, _GAP, _ROW, _LEFT = 44, 20, 4, 46, 110
-
-
-def _e(value: Any) -> str:
-    """``value`` as HTML text: its printable form (Note [Text in files]: an HTML page cannot hold every character
-    a token can), HTML-escaped.  The report's text goes through it too."""
-    return html.escape(escape_text(str(value)), quote=True)
 
 
 def _drawn_nodes(graph: nx.DiGraph, max_nodes: int) -> list[str]:

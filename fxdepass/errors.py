@@ -1,7 +1,11 @@
 """The error hierarchy: every failure fxdepass reports derives from :class:`FxDePassError`."""
 from __future__ import annotations
 
-import torch.fx
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch.fx
 
 __all__ = [
     "FxDePassError",
@@ -15,6 +19,7 @@ __all__ = [
     "ModelNotFoundError",
     "OutputError",
     "node_location",
+    "require",
 ]
 
 
@@ -66,6 +71,19 @@ class OutputError(FxDePassError, OSError):
 
 class MissingDependencyError(FxDePassError, ImportError):
     """An optional library (pandas, matplotlib) that a feature needs is not installed."""
+
+
+def require(module: str, extra: str) -> Any:
+    """Import the optional library ``module`` that a feature of the extra ``extra`` needs, or say how to install it.
+
+    >>> require("matplotlib.pyplot", "plot")                                            # doctest: +SKIP
+    <module 'matplotlib.pyplot' ...>
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"this needs {module}, which is not installed: pip install 'fxdepass[{extra}]' "
+                                     f"(or pip install {module})") from None
 
 
 def node_location(node: torch.fx.Node) -> str:

@@ -1,6 +1,6 @@
 """Export attribution graphs (:mod:`fxdepass.graph`): DOT (pydot), GraphML (networkx) and circuit-tracer JSON.
 Every file is written through :mod:`fxdepass.files` (no overwriting unless asked, no symbolic links), and every
-string in it, whatever characters it holds, reads back exactly (Note [Text in files]).
+string in it, whatever characters it holds, reads back exactly (:mod:`fxdepass.markup` Note [Text in files]).
 
 docs/graph-format.md documents the node kinds, their attributes and how they map onto circuit-tracer's
 fields (:data:`CIRCUIT_SCHEMA` is that mapping's JSON Schema).
@@ -25,6 +25,7 @@ import pydot
 
 from .errors import InvalidInputError
 from .files import check_output, open_output, output_directory, write_text
+from .markup import escape_text, signed_colour, unescape_text
 
 __all__ = ["to_pydot", "write_dot", "write_graphml", "read_graphml", "to_circuit_json", "write_circuit_json",
            "default_slug", "check_slug", "CIRCUIT_SCHEMA", "signed_colour", "escape_text", "unescape_text"]
@@ -117,71 +118,6 @@ def default_slug(graph: nx.DiGraph) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].strip("-") or "graph"
     digest = hashlib.sha1(f"{prompt}\n{target}".encode()).hexdigest()[:6]
     return f"{words}-{digest}"
-
-
-def signed_colour(value: float, largest: float, floor: float = 0.0) -> str:
-    """A hex colour for a signed value: blue for positive, red for negative, paler when smaller (but at
-    least ``floor`` of the full colour, so faint edges stay visible).
-
-    >>> signed_colour(1.0, 1.0), signed_colour(-0.5, 1.0), signed_colour(0.0, 1.0)
-    ('#2166ac', '#d88c95', '#ffffff')
-    """
-    share = max(min(abs(value) / largest, 1.0) if largest > 0 else 0.0, floor)
-    end = (0x21, 0x66, 0xAC) if value >= 0 else (0xB2, 0x18, 0x2B)
-    channels = [round(255 + (c - 255) * share) for c in end]
-    return "#" + "".join(f"{c:02x}" for c in channels)
-
-
-# Note [Text in files]
-# A token can hold any character: byte-level tokenizers give NUL and other control characters, and a token
-# cut inside a character decodes to a lone surrogate.  XML 1.0 cannot hold NUL, most other C0 controls, lone
-# surrogates or U+FFFE/U+FFFF, not even as character references, and it turns CR into LF; HTML parsing drops
-# NUL; Graphviz reads C strings; and a lone surrogate has no UTF-8 encoding at all.  So GraphML, DOT and the
-# HTML report hold each string in its printable form, escape_text: a backslash doubled, and every character
-# that Python does not print (not str.isprintable) written as Python writes it in a repr (\t, \n, \r, \xHH,
-# \uHHHH, \UHHHHHHHH).  Every backslash of the form then starts an escape, so unescape_text reads it back
-# exactly, and the form shows what the string holds (an invisible character becomes visible).  JSON needs
-# none of this: json.dumps escapes what it must and json.loads gives every string back.
-
-_SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_ESCAPE = re.compile(r"\\(?:([\\tnr])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
-
-
-def _escape_character(character: str) -> str:
-    if character in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[character]
-    if character.isprintable():
-        return character
-    code = ord(character)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def escape_text(text: str) -> str:
-    r"""The printable form of ``text`` (Note [Text in files]): backslashes doubled, unprintable characters escaped.
-
-    >>> print(escape_text("a\\b\x00\ud800\n c"))
-    a\\b\x00\ud800\n c
-    """
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join(map(_escape_character, text))
-
-
-def _unescape(match: re.Match) -> str:
-    short, *codes = match.groups()
-    if short is not None:
-        return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}[short]
-    code = int(next(c for c in codes if c is not None), 16)
-    return chr(code) if code <= 0x10FFFF else match.group()
-
-
-def unescape_text(text: str) -> str:
-    r"""``text`` from its printable form (:func:`escape_text`).
-
-    >>> unescape_text(r"a\\b\x00\ud800\n c") == "a\\b\x00\ud800\n c"
-    True
-    """
-    return _ESCAPE.sub(_unescape, text) if "\\" in text else text
 
 
 def _dot_text(text: str) -> str:

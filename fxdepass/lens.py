@@ -12,20 +12,26 @@ applies its frozen linear map to each of them (Note [Lens by a seed]).
 
 >>> lens = fxdepass.layer_lens(decomposed, "The capital of France is")                     # doctest: +SKIP
 >>> lens.scores[-1, :, 0, -1]          # equals decomposed.attribute(...).scores()        # doctest: +SKIP
+>>> fxdepass.plot_layers(decomposed, "The capital of France is").savefig("layers.png")   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .api import Attribution, DecomposedModel
-from .errors import InvalidReadoutError
+from .errors import InvalidInputError, InvalidReadoutError
+from .plots import _axes
 from .seeds import Seed, custom
 
-__all__ = ["LayerLens", "layer_lens"]
+if TYPE_CHECKING:
+    import matplotlib.axes
+    import matplotlib.figure
+
+__all__ = ["LayerLens", "layer_lens", "plot_layers"]
 
 # Note [Lens by a seed]
 # The tail from the last block's output to the target is linear in the components once the norm's scale is
@@ -93,3 +99,25 @@ def layer_lens(decomposed: DecomposedModel, inputs: Any, *, seed: Seed | None = 
     shares[:, -1] += lens.components[-1, ..., 0]
     labels = ["embeddings"] + [f"after layer {layer}" for layer in range(rows - 1)]
     return LayerLens(shares, logits.labels, labels, logits)
+
+
+def plot_layers(decomposed: DecomposedModel, inputs: Any, *, targets: Any = None, seed: Seed | None = None,
+                ax: matplotlib.axes.Axes | None = None) -> matplotlib.figure.Figure:
+    """The tokens × layers heatmap of one prompt at its last position: each component's share of the target
+    as it stands in the residual stream after each layer (:func:`fxdepass.layer_lens`: read through the final
+    norm with its real scale frozen and the target's row of the head, so the top row is the attribution's scores).
+
+    >>> fxdepass.plot_layers(decomposed, "The capital of France is", targets=" Paris").savefig("layers.png")  # doctest: +SKIP
+    """
+    lens = layer_lens(decomposed, inputs, targets=targets, seed=seed)
+    if lens.attribution.input_ids.shape[0] != 1:
+        raise InvalidInputError("plot_layers() draws one prompt; give one text or one row of ids")
+    table = lens.table(0, -1).detach().cpu().double().flip(0)                  # [layers + 1, components], last on top
+    figure, ax = _axes(ax, max(5.0, 0.45 * table.shape[1] + 2.5), max(3.0, 0.28 * table.shape[0] + 1.5))
+    largest = float(table.abs().max()) or 1.0
+    image = ax.imshow(table.numpy(), cmap="RdBu", vmin=-largest, vmax=largest, aspect="auto")
+    figure.colorbar(image, ax=ax, label="share of the target")
+    ax.set_xticks(range(len(lens.labels)), lens.labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(lens.layer_labels)), lens.layer_labels[::-1], fontsize=7)
+    ax.set_title(f"target {lens.attribution.target_label(0)}: each component after each layer", fontsize=10)
+    return figure

@@ -2,9 +2,10 @@
 
 >>> decomposed.attribute("The capital of France is").plot()        # one prompt: a bar per component  # doctest: +SKIP
 >>> decomposed.attribute(["a b c", "d e"]).plot()                  # prompts × components heatmap     # doctest: +SKIP
->>> fxdepass.plot_layers(decomposed, "The capital of France is")   # tokens × layers                  # doctest: +SKIP
+>>> fxdepass.plot_layers(decomposed, "The capital of France is")   # tokens × layers (fxdepass.lens)  # doctest: +SKIP
 
-Every function returns the matplotlib ``Figure`` (saved with ``figure.savefig(path)``); none calls ``show``.
+Below :mod:`fxdepass.results` (whose ``Attribution.plot`` draws here): :func:`fxdepass.lens.plot_layers`, which
+runs the model, lives with the layer lens.  Every function returns the matplotlib ``Figure`` (saved with ``figure.savefig(path)``); none calls ``show``.
 """
 from __future__ import annotations
 
@@ -12,28 +13,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidInputError, InvalidReadoutError
-from .results import _require, _target_label
+from .errors import InvalidInputError, InvalidReadoutError, require
 from .seeds import is_padding
 
 if TYPE_CHECKING:
     import matplotlib.axes
     import matplotlib.figure
 
-    from .api import Attribution, DecomposedModel
-    from .seeds import Seed
+    from .results import Attribution
 
-__all__ = ["plot", "plot_layers"]
+__all__ = ["plot"]
 
 #: cells of a heatmap are written in when there are at most this many columns (and prompts)
 ANNOTATED = 24
 
 
 def _pyplot() -> Any:
-    _require("matplotlib", "plot")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
+    return require("matplotlib.pyplot", "plot")
 
 
 def _axes(ax: matplotlib.axes.Axes | None, width: float, height: float) -> tuple[matplotlib.figure.Figure, Any]:
@@ -76,7 +72,7 @@ def _bars(attribution: Attribution, values: torch.Tensor, prompt: int, ax: Any) 
     ax.set_xticks(range(len(kept)), [labels[i] for i in kept], rotation=60, ha="right", fontsize=8)
     ax.axhline(0.0, color="#444", linewidth=0.6)
     ax.set_ylabel("contribution")
-    ax.set_title(f"target {_target_label(attribution, prompt)} = {float(values.sum()):+.4g}", fontsize=10)
+    ax.set_title(f"target {attribution.target_label(prompt)} = {float(values.sum()):+.4g}", fontsize=10)
     return figure
 
 
@@ -109,27 +105,3 @@ def _heatmap(attribution: Attribution, scores: torch.Tensor, ax: Any) -> matplot
 
 def _short(text: str, width: int = 32) -> str:
     return text if len(text) <= width else "…" + text[-width + 1:]
-
-
-def plot_layers(decomposed: DecomposedModel, inputs: Any, *, targets: Any = None, seed: Seed | None = None,
-                ax: matplotlib.axes.Axes | None = None) -> matplotlib.figure.Figure:
-    """The tokens × layers heatmap of one prompt at its last position: each component's share of the target
-    as it stands in the residual stream after each layer (:func:`fxdepass.layer_lens`: read through the final
-    norm with its real scale frozen and the target's row of the head, so the top row is the attribution's scores).
-
-    >>> fxdepass.plot_layers(decomposed, "The capital of France is", targets=" Paris").savefig("layers.png")  # doctest: +SKIP
-    """
-    from .lens import layer_lens
-
-    lens = layer_lens(decomposed, inputs, targets=targets, seed=seed)
-    if lens.attribution.input_ids.shape[0] != 1:
-        raise InvalidInputError("plot_layers() draws one prompt; give one text or one row of ids")
-    table = lens.table(0, -1).detach().cpu().double().flip(0)                  # [layers + 1, components], last on top
-    figure, ax = _axes(ax, max(5.0, 0.45 * table.shape[1] + 2.5), max(3.0, 0.28 * table.shape[0] + 1.5))
-    largest = float(table.abs().max()) or 1.0
-    image = ax.imshow(table.numpy(), cmap="RdBu", vmin=-largest, vmax=largest, aspect="auto")
-    figure.colorbar(image, ax=ax, label="share of the target")
-    ax.set_xticks(range(len(lens.labels)), lens.labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(lens.layer_labels)), lens.layer_labels[::-1], fontsize=7)
-    ax.set_title(f"target {_target_label(lens.attribution, 0)}: each component after each layer", fontsize=10)
-    return figure

@@ -4,8 +4,8 @@
 (tooltips with the values), a heatmap of tokens × layers (from the ``"layers"`` readout; docs/graph-format.md),
 the strongest nodes, the stage budget and the graph itself, laid out and drawn by :mod:`fxdepass.drawing`
 (inline SVG and script: no Graphviz needed).  Graphviz is an export: :func:`write_report` writes the DOT file
-beside the page, and the SVG that ``dot`` draws of it when ``dot`` is installed.  :func:`attribution_html` is
-the compact fragment Jupyter shows for an :class:`~fxdepass.api.Attribution`.
+beside the page, and the SVG that ``dot`` draws of it when ``dot`` is installed.  The compact fragment Jupyter
+shows for one attribution is :func:`fxdepass.results.attribution_html`; both share :mod:`fxdepass.markup`.
 
 >>> write_report(build_graph(decomposed, ids), "out/report.html")                       # doctest: +SKIP
 """
@@ -18,29 +18,13 @@ import subprocess
 from pathlib import Path
 
 import networkx as nx
-import torch
 
-from .api import Attribution
-from .drawing import FIGURE_SCRIPT, FIGURE_STYLE, _e, graph_figure
+from .drawing import FIGURE_SCRIPT, FIGURE_STYLE, graph_figure
 from .export import signed_colour, to_pydot, write_dot
+from .markup import _STYLE, _chip, _e, _ink
 from .files import check_output, write_text
 
-__all__ = ["report_html", "write_report", "report_paths", "render_svg", "attribution_html"]
-
-_STYLE = """
-.fxdepass{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;line-height:1.45}
-.fxdepass h1{font-size:1.4em;margin:.2em 0}.fxdepass h2{font-size:1.1em;margin:1.2em 0 .4em}
-.fxdepass .meta{color:#555}.fxdepass .note{color:#666;font-size:.85em;max-width:60em}
-.fxdepass .tokens{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,Menlo,Consolas,monospace}
-.fxdepass .tok{padding:2px 5px;border-radius:3px;border:1px solid #ccc;white-space:pre;cursor:default}
-.fxdepass .tok.on{outline:2px solid #222}
-.fxdepass table{border-collapse:collapse;font-size:.85em}
-.fxdepass td,.fxdepass th{padding:2px 6px;border:1px solid #e3e3e3;text-align:right}
-.fxdepass th{background:#f4f4f4;font-weight:600}.fxdepass td.l,.fxdepass th.l{text-align:left}
-.fxdepass .heat td{min-width:2.2em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em}
-.fxdepass .heat td.on,.fxdepass .heat th.on{outline:2px solid #222}
-.fxdepass .graph{overflow:auto;border:1px solid #e3e3e3;max-height:80vh}
-"""
+__all__ = ["report_html", "write_report", "report_paths", "render_svg"]
 
 # Hovering a token marks its heatmap column and vice versa; the page is complete without it.
 _SCRIPT = """
@@ -58,20 +42,6 @@ _SCRIPT = """
   document.body.dataset.ready = "1";
 })();
 """
-
-
-def _ink(background: str) -> str:
-    """Black or white text, whichever reads better on ``background`` (``#rrggbb``)."""
-    r, g, b = (int(background[i:i + 2], 16) for i in (1, 3, 5))
-    return "#fff" if 0.299 * r + 0.587 * g + 0.114 * b < 140 else "#111"
-
-
-def _chip(text: str, value: float | None, largest: float, tooltip: str, position: int | None = None) -> str:
-    """One token (or component) coloured by its signed value, with a tooltip."""
-    colour = signed_colour(value, largest) if value is not None else "#ffffff"
-    where = f' data-position="{position}"' if position is not None else ""
-    return (f'<span class="tok" style="background:{colour};color:{_ink(colour)}" title="{_e(tooltip)}"{where}>'
-            f"{_e(text) or '&nbsp;'}</span>")
 
 
 def _token_strip(graph: nx.DiGraph) -> str:
@@ -263,36 +233,3 @@ def write_report(graph: nx.DiGraph, path: str | Path, *, title: str = "fxdepass 
         exports.append(write_text(svg_path, svg, overwrite=overwrite).name)
     write_text(path, report_html(graph, exports=exports, title=title), overwrite=overwrite)
     return path
-
-
-def _readout_scores(attribution: Attribution) -> tuple[torch.Tensor, str]:
-    """Per-component scores of an attribution for display, and what they measure."""
-    if attribution.readout == "logits":
-        return attribution.scores(), "contribution to the target logit (given, or the predicted token) at the last position"
-    layered = attribution.component_axis == 1
-    total = attribution.total[-1] if layered else attribution.total
-    parts = attribution.components[-1] if layered else attribution.components
-    value = total[0, -1].reshape(-1) if total.ndim >= 3 else total[0].reshape(-1)
-    pieces = parts[:, 0, -1].reshape(len(parts), -1) if total.ndim >= 3 else parts[:, 0].reshape(len(parts), -1)
-    norm = value.norm().clamp_min(torch.finfo(value.dtype).tiny)
-    return pieces @ value / norm, f"projection on the {attribution.readout} value at the last position (they add up to its norm)"
-
-
-def attribution_html(attribution: Attribution, count: int = 10) -> str:
-    """A compact HTML fragment of an attribution (Jupyter's ``_repr_html_``): every component as a chip
-    coloured by its score, and the ``count`` strongest in a table.
-
-    >>> from IPython.display import HTML; HTML(attribution_html(decomposed.attribute(ids)))   # doctest: +SKIP
-    """
-    scores, meaning = _readout_scores(attribution)
-    scores = scores if scores.ndim == 1 else scores[:, 0]
-    largest = float(scores[:-1].abs().max()) if len(scores) > 1 else 0.0
-    chips = "".join(_chip(label, float(s), largest, f"{label}: {float(s):+.6g}") for label, s in
-                    zip(attribution.labels, scores.tolist()))
-    order = scores.abs().argsort(descending=True)[:count].tolist()
-    rows = "".join(f'<tr><td class="l">{_e(attribution.labels[i])}</td><td>{float(scores[i]):+.5g}</td></tr>' for i in order)
-    return (f'<div class="fxdepass"><style>{_STYLE}</style>'
-            f'<p class="meta">{len(scores) - 1} components + rest; score = {_e(meaning)}; sum {float(scores.sum()):+.6g}; '
-            f"reconstruction error {attribution.reconstruction_error():.1e}</p>"
-            f'<div class="tokens">{chips}</div><table><tr><th class="l">component</th><th>score</th></tr>{rows}</table></div>')
-

@@ -1,7 +1,9 @@
-"""Attributions as data: a short summary, the notebook view, a long-format table, and saving and loading.
+"""Attributions as data: :class:`Attribution` (what :meth:`fxdepass.api.DecomposedModel.attribute` returns), a short
+summary, the notebook view, a long-format table, and saving and loading.
 
-:class:`~fxdepass.api.Attribution` delegates to these functions (``repr``, ``_repr_html_``, ``to_dataframe``,
-``save``); :func:`load_attribution` reads a saved attribution back.
+:class:`Attribution` delegates to these functions (``repr``, ``_repr_html_``, ``to_dataframe``, ``save``; ``plot``
+to :mod:`fxdepass.plots`); :func:`load_attribution` reads a saved attribution back.  Nothing here imports the
+compiler (:mod:`fxdepass.api` builds on this module), so a saved attribution loads without it.
 
 >>> attribution.save("paris.safetensors")                                              # doctest: +SKIP
 >>> fxdepass.load_attribution("paris.safetensors").top(3)                              # doctest: +SKIP
@@ -21,16 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidInputError, InvalidReadoutError, MissingDependencyError
+from .checks import integer
+from .errors import InvalidInputError, InvalidReadoutError, require
+from .markup import _STYLE, _chip, _e
+from .plots import plot
 from .seeds import is_padding
+from .targets import Target, per_prompt
 
 if TYPE_CHECKING:
+    import os
+    import pathlib
+
+    import matplotlib.figure
     import pandas
 
-    from .api import Attribution
-    from .targets import Target
-
-__all__ = ["summary", "notebook_html", "to_dataframe", "save", "load_attribution", "target_to_json", "target_from_json",
+__all__ = ["Attribution", "summary", "notebook_html", "to_dataframe", "save", "load_attribution", "target_to_json", "target_from_json",
            "json_number", "FORMAT"]
 
 #: the name under which the JSON document sits in the safetensors header, and its format version
@@ -40,10 +47,167 @@ VERSION = 1
 SHOWN_PROMPTS = 8
 
 
-def _target_label(attribution: Attribution, prompt: int) -> str:
-    if attribution.target_labels:
-        return attribution.target_labels[prompt]
-    return "every logit" if attribution.readout == "logits" else "none"
+@dataclasses.dataclass
+class Attribution:
+    """Components of a readout: ``components.sum(0)`` equals ``total``.
+
+    ``components`` has the component axis first (one per source, ``rest`` last) followed by the readout's own
+    shape.  For the logits readout that is ``[batch, positions, 1]``: each prompt's target (``targets``, by
+    default the predicted token) at each read position (``positions``, by default the last); with
+    ``targets="all"`` the last axis is the whole vocabulary.  ``labels`` names each component.
+
+    >>> attribution.scores()             # each component's contribution to the target at the last position
+    >>> attribution.reconstruction_error()   # max |Σ components − total| / max |total|
+    """
+
+    components: torch.Tensor
+    total: torch.Tensor
+    labels: list[str]
+    input_ids: torch.Tensor
+    readout: str
+    #: the logits readout's target of each prompt (:mod:`fxdepass.targets`); ``None``: the whole vocabulary
+    targets: list[Target] | None = None
+    #: axis of ``components`` that indexes components (1 for the ``"layers"`` readout, else 0)
+    component_axis: int = 0
+    #: the positions read out (``None``: all of them)
+    positions: list[int] | None = None
+    #: the peak bytes (weights excluded) the memory guard estimated for the pass, before running it
+    memory_estimate: int | None = None
+    #: one readable name per prompt of its target (``"' Paris'"``, ``"log p(' Paris')"``, …)
+    target_labels: list[str] | None = None
+    #: turns target specs (token strings, diff, logprob) into checked targets, for ``scores(target)``
+    resolve_target: Any = dataclasses.field(default=None, repr=False, compare=False)
+    #: 0 at padding positions of the prompts, 1 at their tokens (``None``: no padding)
+    attention_mask: torch.Tensor | None = None
+    #: each prompt's own labels, when they differ by prompt (token components of a batch); see :meth:`labels_of`
+    prompt_labels: list[list[str]] | None = None
+    #: where the attribution comes from (model, prompts, seed, dtype, fxdepass version); saved with it
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def _position(self, position: int) -> int:
+        length = self.input_ids.shape[1]
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise InvalidInputError(f"position must be an integer, got {position!r}")
+        if not -length <= position < length:
+            raise InvalidInputError(f"position {position} is outside a prompt of {length} tokens")
+        position %= length
+        if self.positions is None:
+            return position
+        if position not in self.positions:
+            raise InvalidInputError(f"position {position} was not read out (read: {self.positions}); "
+                                    "attribute(..., positions=[...]) or positions='all'")
+        return self.positions.index(position)
+
+    def scores(self, target: Any = None, position: int = -1) -> torch.Tensor:
+        """Each component's contribution to the target at ``position``: ``[components]`` for one prompt,
+        ``[components, batch]`` for several.
+
+        ``target`` defaults to the target the attribution was computed for; another (a token id or string,
+        ``fxdepass.diff``, ``fxdepass.logprob``, one per prompt as a list) needs ``targets="all"``, which
+        computed every logit, or must equal the computed one.
+
+        >>> attribution.scores()                       # the target given to attribute(), or the predicted token
+        >>> everything.scores(fxdepass.diff(" Paris", " Berlin"))                           # doctest: +SKIP
+        """
+        if self.readout != "logits":
+            raise InvalidReadoutError(f"scores() needs the 'logits' readout, not {self.readout!r}")
+        column = self._position(position)
+        batch = self.total.shape[0]
+        at_position = self.components[:, :, column]                             # [components, batch, K]
+        if target is None and self.targets is not None:
+            picked = at_position[..., 0]
+        else:
+            wanted = targets_per_prompt(target, batch, self.resolve_target)
+            if self.targets is not None:
+                if wanted != self.targets:
+                    raise InvalidInputError(f"target {target!r} was not read out (the attribution's targets: "
+                                            f"{self.target_labels}); attribute(..., targets=...) it, or targets='all'")
+                picked = at_position[..., 0]
+            else:  # every logit was computed: the target's functional, exactly (fxdepass/targets.py)
+                real = self.total[:, column]                                    # [batch, vocabulary]
+                picked = torch.stack([(at_position[:, b] * t.coefficients(real[b:b + 1])).sum(-1)
+                                      for b, t in enumerate(wanted)], 1)
+                picked[-1] += torch.stack([t.constant(real[b:b + 1])[0] for b, t in enumerate(wanted)])
+        return picked[:, 0] if batch == 1 else picked
+
+    @property
+    def target_values(self) -> torch.Tensor:
+        """The real value of each prompt's target at each read position, ``[batch, positions]``."""
+        if self.readout != "logits" or self.targets is None:
+            raise InvalidReadoutError("target_values needs the logits readout with a target (not targets='all')")
+        return self.total[..., 0]
+
+    def labels_of(self, prompt: int) -> list[str]:
+        """Prompt ``prompt``'s labels: its own tokens for token components (padding reads ``"tok 0 <pad>"``).
+        ``labels`` are prompt 0's.
+
+        >>> decomposed.attribute(["a b c", "d"]).labels_of(1)                   # doctest: +SKIP
+        ['tok 0 <pad>', 'tok 1 <pad>', "tok 2 'd'", 'rest']
+        """
+        count = self.input_ids.shape[0]
+        prompt = integer(prompt, "prompt")
+        if not -count <= prompt < count:
+            raise InvalidInputError(f"prompt {prompt} is outside the batch of {count}")
+        return self.labels if self.prompt_labels is None else self.prompt_labels[prompt]
+
+    def target_label(self, prompt: int) -> str:
+        """Prompt ``prompt``'s target as a readable name (``"' Paris'"``); ``"every logit"`` for ``targets="all"``.
+
+        >>> decomposed.attribute("The capital of France is").target_label(0)          # doctest: +SKIP
+        "' Paris'"
+        """
+        if self.target_labels:
+            return self.target_labels[prompt]
+        return "every logit" if self.readout == "logits" else "none"
+
+    def __repr__(self) -> str:
+        return summary(self)
+
+    def _repr_html_(self) -> str:
+        return notebook_html(self)
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """The scores as a long table (prompt, component, label, target, position, score); see
+        :func:`to_dataframe`.
+
+        >>> decomposed.attribute(["The capital of France is"]).to_dataframe().head()       # doctest: +SKIP
+        """
+        return to_dataframe(self)
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write this attribution to a safetensors file (no pickle); read it with :func:`fxdepass.load_attribution`.
+
+        >>> decomposed.attribute("The capital of France is").save("paris.safetensors")       # doctest: +SKIP
+        """
+        return save(self, path)
+
+    def plot(self, prompt: int | None = None, **kwargs: Any) -> matplotlib.figure.Figure:
+        """A bar chart of one prompt's scores, or a prompts × components heatmap of a batch; see
+        :func:`fxdepass.plots.plot`.
+
+        >>> decomposed.attribute("The capital of France is").plot().savefig("paris.png")     # doctest: +SKIP
+        """
+        return plot(self, prompt, **kwargs)
+
+    def reconstruction_error(self) -> float:
+        """Max relative error of the sum of components against the real value (same precision policy)."""
+        error = (self.components.sum(self.component_axis) - self.total).abs().max()
+        scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
+        return float(error / scale)
+
+    def top(self, k: int = 10, target: Any = None, position: int = -1) -> list[tuple[str, float]]:
+        """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""
+        k = integer(k, "top(k)")
+        values = self.scores(target, position)
+        values = values if values.ndim == 1 else values[:, 0]
+        order = values.abs().argsort(descending=True)[:k]
+        return [(self.labels[i], float(values[i])) for i in order.tolist()]
+
+
+def targets_per_prompt(spec: Any, batch: int, resolve: Any) -> list[Target]:
+    """The resolved target of each prompt for ``spec`` (:func:`fxdepass.targets.per_prompt`); ``resolve(spec, batch)``
+    knows the model's tokenizer and vocabulary (without it, only token ids resolve)."""
+    return resolve(spec, batch) if resolve is not None else per_prompt(spec, batch, None, None)
 
 
 def summary(attribution: Attribution) -> str:
@@ -68,7 +232,7 @@ def summary(attribution: Attribution) -> str:
     first = f"Attribution({attribution.readout} [{dims}], {count - 1} components + rest)"
     targets = ""
     if attribution.readout == "logits":
-        names = [_target_label(attribution, p) for p in range(min(prompts, 3))]
+        names = [attribution.target_label(p) for p in range(min(prompts, 3))]
         more = f", … ({prompts} prompts)" if prompts > 3 else ""
         targets = f"target {', '.join(names)}{more}; "
     return f"{first}\n  {targets}reconstruction error {attribution.reconstruction_error():.1e}"
@@ -85,8 +249,6 @@ def notebook_html(attribution: Attribution, count: int = 10) -> str:
 
     >>> from IPython.display import HTML; HTML(notebook_html(decomposed.attribute(["a b", "c"])))   # doctest: +SKIP
     """
-    from .report import _STYLE, _chip, _e, attribution_html  # report builds on api: import when shown
-
     if attribution.readout != "logits":
         return attribution_html(attribution, count)
     scores = attribution.scores()
@@ -101,13 +263,45 @@ def notebook_html(attribution: Attribution, count: int = 10) -> str:
         order = sorted((i for i in range(len(values)) if not is_padding(labels[i])), key=lambda i: -abs(values[i]))[:count]
         rows = "".join(f'<tr><td class="l">{_e(labels[i])}</td><td>{values[i]:+.5g}</td></tr>' for i in order)
         sections.append(
-            f'<h2>prompt {p}: target {_e(_target_label(attribution, p))} = {sum(values):+.6g} '
+            f'<h2>prompt {p}: target {_e(attribution.target_label(p))} = {sum(values):+.6g} '
             f'(rest {values[-1]:+.4g})</h2><div class="tokens">{chips}</div>'
             f'<table><tr><th class="l">component</th><th>score</th></tr>{rows}</table>')
     if prompts > SHOWN_PROMPTS:
         sections.append(f'<p class="note">{prompts - SHOWN_PROMPTS} more prompts are not shown '
                         "(attribution.labels_of(p), attribution.scores()[:, p]).</p>")
     return f'<div class="fxdepass"><style>{_STYLE}</style>{"".join(sections)}</div>'
+
+
+def _readout_scores(attribution: Attribution) -> tuple[torch.Tensor, str]:
+    """Per-component scores of an attribution for display, and what they measure."""
+    if attribution.readout == "logits":
+        return attribution.scores(), "contribution to the target logit (given, or the predicted token) at the last position"
+    layered = attribution.component_axis == 1
+    total = attribution.total[-1] if layered else attribution.total
+    parts = attribution.components[-1] if layered else attribution.components
+    value = total[0, -1].reshape(-1) if total.ndim >= 3 else total[0].reshape(-1)
+    pieces = parts[:, 0, -1].reshape(len(parts), -1) if total.ndim >= 3 else parts[:, 0].reshape(len(parts), -1)
+    norm = value.norm().clamp_min(torch.finfo(value.dtype).tiny)
+    return pieces @ value / norm, f"projection on the {attribution.readout} value at the last position (they add up to its norm)"
+
+
+def attribution_html(attribution: Attribution, count: int = 10) -> str:
+    """A compact HTML fragment of an attribution (Jupyter's ``_repr_html_``): every component as a chip
+    coloured by its score, and the ``count`` strongest in a table.
+
+    >>> from IPython.display import HTML; HTML(attribution_html(decomposed.attribute(ids)))   # doctest: +SKIP
+    """
+    scores, meaning = _readout_scores(attribution)
+    scores = scores if scores.ndim == 1 else scores[:, 0]
+    largest = float(scores[:-1].abs().max()) if len(scores) > 1 else 0.0
+    chips = "".join(_chip(label, float(s), largest, f"{label}: {float(s):+.6g}") for label, s in
+                    zip(attribution.labels, scores.tolist()))
+    order = scores.abs().argsort(descending=True)[:count].tolist()
+    rows = "".join(f'<tr><td class="l">{_e(attribution.labels[i])}</td><td>{float(scores[i]):+.5g}</td></tr>' for i in order)
+    return (f'<div class="fxdepass"><style>{_STYLE}</style>'
+            f'<p class="meta">{len(scores) - 1} components + rest; score = {_e(meaning)}; sum {float(scores.sum()):+.6g}; '
+            f"reconstruction error {attribution.reconstruction_error():.1e}</p>"
+            f'<div class="tokens">{chips}</div><table><tr><th class="l">component</th><th>score</th></tr>{rows}</table></div>')
 
 
 # -- a long-format table ---------------------------------------------------------------------------------------
@@ -121,7 +315,7 @@ def to_dataframe(attribution: Attribution) -> pandas.DataFrame:
     >>> df = decomposed.attribute(["The capital of France is", "Paris is in"]).to_dataframe()   # doctest: +SKIP
     >>> df.groupby("label").score.sum().nlargest(3)                                           # doctest: +SKIP
     """
-    pandas = _require("pandas", "data")
+    pandas = require("pandas", "data")
     if attribution.readout != "logits":
         raise InvalidReadoutError(f"to_dataframe() needs the 'logits' readout, not {attribution.readout!r}")
     components = attribution.components.detach().cpu()                 # [C, prompts, positions, targets]
@@ -149,18 +343,8 @@ def _column_targets(attribution: Attribution, prompts: int, columns: int) -> lis
     """A name for each column of the last axis, per prompt: the prompt's target label, or with ``targets="all"``
     each column's token id."""
     if attribution.targets is not None:
-        return [[_target_label(attribution, p)] for p in range(prompts)]
+        return [[attribution.target_label(p)] for p in range(prompts)]
     return [[str(i) for i in range(columns)]] * prompts
-
-
-def _require(module: str, extra: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(f"this needs {module}, which is not installed: pip install 'fxdepass[{extra}]' "
-                                     f"(or pip install {module})") from None
 
 
 # -- saving and loading ----------------------------------------------------------------------------------------
@@ -205,14 +389,12 @@ def _json_value(value: Any, name: str) -> Any:
 
 
 def load_attribution(path: str | Path, *, device: torch.device | str = "cpu") -> Attribution:
-    """Read an attribution written by :meth:`Attribution.save <fxdepass.api.Attribution.save>` (tensors on
+    """Read an attribution written by :meth:`Attribution.save` (tensors on
     ``device``); never runs code from the file.
 
     >>> fxdepass.load_attribution("out/attribution.safetensors").scores()              # doctest: +SKIP
     """
     from safetensors import SafetensorError, safe_open
-
-    from .api import Attribution
 
     path = Path(path)
     if not path.is_file():
@@ -245,8 +427,6 @@ def target_to_json(target: Target) -> dict[str, Any]:
     >>> target_to_json(fxdepass.diff(3, 7))                                             # doctest: +SKIP
     {'kind': 'Diff', 'first': {'kind': 'Token', 'token': 3}, 'second': {'kind': 'Token', 'token': 7}}
     """
-    from .targets import Target
-
     document: dict[str, Any] = {"kind": type(target).__name__}
     for field in dataclasses.fields(target):
         value = getattr(target, field.name)
@@ -260,7 +440,7 @@ def target_from_json(document: dict[str, Any], path: Path | str = "") -> Target:
     >>> target_from_json({"kind": "Token", "token": 3})                                  # doctest: +SKIP
     Token(token=3)
     """
-    from . import targets
+    from . import targets  # a module-level name `targets` would be shadowed by the many locals of that name
 
     kind = getattr(targets, str(document.get("kind")), None)
     if not (isinstance(kind, type) and issubclass(kind, targets.Target) and dataclasses.is_dataclass(kind)):

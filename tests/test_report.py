@@ -17,7 +17,8 @@ import fxdepass
 import fxdepass.report
 import tiny
 from fxdepass.graph import build_graph
-from fxdepass.report import attribution_html, report_html, write_report
+from fxdepass.report import report_html, write_report
+from fxdepass.results import attribution_html
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
 needs_chromium = pytest.mark.skipif(
