@@ -129,7 +129,9 @@ class ProjectionArgs:
     def bias_of(self, args: Sequence[Any]) -> Any:
         """The bias among the op's ``args``, ``None`` where the op has none or it is not given.
 
-        >>> projection_args(torch.ops.aten.linear.default).bias_of((x, w))         # doctest: +SKIP
+        >>> b, x, w = torch.zeros(2), torch.zeros(1, 3), torch.zeros(3, 2)
+        >>> projection_args(torch.ops.aten.addmm.default).bias_of((b, x, w)) is b
+        True
         """
         return args[self.bias] if self.bias is not None and len(args) > self.bias else None
 
