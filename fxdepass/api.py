@@ -31,6 +31,7 @@ from .inputs import Encoded, encode
 from .locations import Locations
 from .narrowing import last_axis, shape_of
 from .readouts import READOUTS, readout_nodes
+from .registry import projection_args
 from .results import Attribution
 from .rewrite import ATTENTIONS, Policy, build_module
 from .routed import routed_regions
@@ -644,10 +645,11 @@ class DecomposedModel:
         """(weight, bias) when the logits are a plain linear map of the ``"hidden"`` readout, else ``None``."""
         where = self.locations_of(captured)
         logits, hidden = readout_nodes("logits", where)[0], readout_nodes("hidden", where)[0]
-        if logits.target is not torch.ops.aten.linear.default or logits.args[0] is not hidden:
+        linear = projection_args(torch.ops.aten.linear.default)  # the head is applied as ``linear``
+        if logits.target is not torch.ops.aten.linear.default or logits.args[linear.features] is not hidden:
             return None
         tensors = {name: tensor for name, (_, tensor) in captured.tensors.items()}
-        weight, bias = logits.args[1], (logits.args[2] if len(logits.args) > 2 else None)
+        weight, bias = logits.args[linear.weight], linear.bias_of(logits.args)
         if weight.name not in tensors or (bias is not None and bias.name not in tensors):
             return None
         # detached: the target rows are computed outside the pass's no_grad, and need no autograd graph

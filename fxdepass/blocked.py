@@ -94,7 +94,7 @@ from fxdepass.rules.norms import layer_norm, rms_norm
 
 from . import registry
 from .errors import FxDePassError
-from .narrowing import (ELEMENTWISE, VIEWS, Projection, component_inputs, component_op, last_axis, project_into,
+from .narrowing import (VIEWS, Projection, component_inputs, component_op, last_axis, project_into,
                         projection, real_shape, scaled_components)
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
@@ -176,7 +176,7 @@ def _region(down: Projection) -> NeuronRegion | None:
                 sliced[inner.bias] = 0
             continue
         op = component_op(node)
-        if node.target is not allocate and op not in ELEMENTWISE and op not in VIEWS:
+        if node.target is not allocate and not registry.is_elementwise(op) and op not in VIEWS:
             return None
         for arg in node.all_input_nodes:
             if "fxdepass_real" in arg.meta:
@@ -695,14 +695,13 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _add_blocks(self, total: Blocks, node: torch.fx.Node, args: tuple, kwargs: dict, with_bias: bool = False) -> None:
         """Add ``node``'s blocks to ``total`` one at a time (no second full-size value); a projection's
         bias goes to rest ``with_bias``, else it is left out."""
-        bias = projection(node).bias_index if with_bias else None
         for k, start in enumerate(self._starts_for(node)):
             block_args, block_kwargs = self._block_args(node, args, kwargs, k, start)
             with registry.rest_in_block(self._rest(k)):
                 if not project_into(total.parts[k], block_args):
                     total.parts[k].add_(node.target(*block_args, **block_kwargs).reshape(total.parts[k].shape))
-                elif bias is not None and block_args[bias] is not None:
-                    registry.add_to_rest(total.parts[k], block_args[bias])
+                elif with_bias:  # project_into made the product without the bias
+                    registry.projection_args(block_args[0]).bias_to_rest(total.parts[k], block_args[1:])
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         node = self.node

@@ -38,15 +38,13 @@ from .errors import FxDePassError, InvalidInputError, OutOfMemoryEstimateError
 from .lens import layer_lens
 from .locations import Locations
 from .readouts import readout_nodes
+from .registry import projection_args
 from .rewrite import build_module
 from .seeds import Heads, Modules, Neurons, Seed, SeedPoint, Tokens, split_features, split_groups, tokens
 
 __all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "attribution_seconds",
            "seed_graph", "keep_fraction", "split_heads_by_position", "token_texts", "layer_scores", "seed_activations"]
 
-aten = torch.ops.aten
-#: argument position of the weight of the linear maps ``Locations`` finds (features times weight)
-_WEIGHT_ARG = {aten.linear.default: 1, aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1}
 
 #: progress callback: (passes done, passes in all, what runs next)
 Progress = Callable[[int, int, str], None]
@@ -297,11 +295,12 @@ def stage_positions(value: torch.Tensor, carried: torch.Tensor | None, *, positi
 def _output_weight(where: Locations, layer: int) -> torch.Tensor:
     """``W`` with ``output projection(x) = x @ W (+ bias)`` for layer ``layer``."""
     projection = where.output_projection(layer)
-    weight = projection.args[_WEIGHT_ARG[projection.target]]
+    found = projection_args(projection.target)  # a linear map Locations found
+    weight = projection.args[found.weight]
     if not isinstance(weight, torch.fx.Node) or weight.name not in where.captured.tensors:
         raise FxDePassError(f"the attention output projection of layer {layer} ({projection.name}) has no weight parameter")
     tensor = where.captured.tensors[weight.name][1].detach()
-    return tensor.T if projection.target is aten.linear.default else tensor
+    return tensor if found.axes == (0, 1) else tensor.T
 
 
 def _stage_shares(stage: _Stage, where: Locations, real: torch.Tensor, parts: torch.Tensor,

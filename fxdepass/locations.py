@@ -15,11 +15,11 @@ import torch.fx
 
 from .capture import CapturedModel
 from .errors import InvalidSeedError
+from .registry import projection_args
 
 __all__ = ["Locations", "module_call", "module_path"]
 
 aten = torch.ops.aten
-_LINEAR_MAPS = {aten.linear.default: 0, aten.addmm.default: 1, aten.mm.default: 0, aten.matmul.default: 0}
 _ATTENTION_CORES = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
                     aten._safe_softmax.default}
 
@@ -197,7 +197,7 @@ class Locations:
     def _linear_maps(self, layer: int) -> list[torch.fx.Node]:
         weights = set(self.captured.tensors)
         return [n for n in self._inside(self.blocks[self.layer(layer)])
-                if n.target in _LINEAR_MAPS and any(a.name in weights for a in n.all_input_nodes)]
+                if projection_args(n.target) is not None and any(a.name in weights for a in n.all_input_nodes)]
 
     def _to_hidden(self, layer: int) -> list[torch.fx.Node]:
         """Block ``layer``'s linear maps back to the hidden size (none when the config does not give it)."""
@@ -264,4 +264,4 @@ class Locations:
     @staticmethod
     def features(projection: torch.fx.Node) -> torch.fx.Node:
         """The input (features) of a linear-map node."""
-        return projection.args[_LINEAR_MAPS[projection.target]]
+        return projection.args[projection_args(projection.target).features]

@@ -31,23 +31,17 @@ import sympy
 import torch
 import torch.fx
 
-from fxdepass.registry import add_to_rest, component_axis, rest_only
+from fxdepass.registry import ProjectionArgs, component_axis, projection_args, rest_only
 from fxdepass.rules.linear import getitem, linear_map
 from fxdepass.rules.routing import grouped_mm_fallback
 from fxdepass.seeds import split_features
 
-__all__ = ["PROJECTIONS", "VIEWS", "ELEMENTWISE", "Projection", "component_op", "component_inputs", "scaled_components",
+__all__ = ["VIEWS", "Projection", "component_op", "component_inputs", "scaled_components",
            "projection", "narrow_fused_projections", "project_into", "fuse_seeded_projections", "project_feature_groups",
            "real_shape", "shape_of", "last_axis"]
 
 aten = torch.ops.aten
-#: linear maps with a constant weight: op → (features argument, weight argument, weight's output
-#: axis, bias argument), argument positions counting the op itself as 0 (as ``linear_map``'s args)
-PROJECTIONS = {aten.linear.default: (1, 2, 0, 3), aten.addmm.default: (2, 3, 1, 1), aten.mm.default: (1, 2, 1, None)}
 VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-#: component ops that act on each element separately (the last axis kept as it is)
-ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
-               aten.clone.default, aten._to_copy.default, aten.alias.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
@@ -97,6 +91,13 @@ class Projection:
         return None if self.bias_index is None else self.node.args[self.bias_index]
 
 
+def _matrix_projection(op: Any) -> ProjectionArgs | None:
+    """Where ``op``'s operands are when it projects by a weight that is always a matrix (registry Note
+    [Projections]): the component passes do not check the weight's rank."""
+    found = projection_args(op) if isinstance(op, torch._ops.OpOverload) else None
+    return found if found is not None and not found.batched else None
+
+
 def projection(node: Any) -> Projection | None:
     """``node`` as a :class:`Projection` of its components, if it is one.
 
@@ -105,15 +106,16 @@ def projection(node: Any) -> Projection | None:
     """
     if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is grouped_mm_fallback:
         return Projection(node, node.kwargs["components"], 1, 2, 1, None, 0)  # weight [experts, in, out]
-    op = component_op(node)
-    if op not in PROJECTIONS:
+    found = _matrix_projection(component_op(node))
+    if found is None:
         return None
-    features, weight, axis, bias = PROJECTIONS[op]
-    in_dims = tuple(node.kwargs["in_dims"]) + (None,) * len(node.args)
-    has_bias = bias is not None and len(node.args) > bias and isinstance(node.args[bias], torch.fx.Node)
-    if in_dims[features - 1] != 0 or in_dims[weight - 1] is not None or (has_bias and in_dims[bias - 1] is not None):
+    args, in_dims = node.args[1:], tuple(node.kwargs["in_dims"]) + (None,) * len(node.args)  # the op's own
+    has_bias = isinstance(found.bias_of(args), torch.fx.Node)
+    if in_dims[found.features] != 0 or in_dims[found.weight] is not None or (has_bias and in_dims[found.bias] is not None):
         return None
-    return Projection(node, node.args[features], weight, axis, 1 - axis, bias if has_bias else None)
+    in_axis, out_axis = found.axes
+    # positions among ``node.args``, the op's own shifted by the op in front
+    return Projection(node, args[found.features], 1 + found.weight, out_axis, in_axis, 1 + found.bias if has_bias else None)
 
 
 def project_into(total: torch.Tensor, args: tuple) -> bool:
@@ -123,14 +125,13 @@ def project_into(total: torch.Tensor, args: tuple) -> bool:
     >>> project_into(total, (aten.mm.default, components, weight))        # doctest: +SKIP
     True
     """
-    op = args[0]
-    if not isinstance(op, torch._ops.OpOverload) or op not in PROJECTIONS:
+    found = _matrix_projection(args[0])
+    if found is None:
         return False
-    features, weight, axis, _ = PROJECTIONS[op]
-    x, w = args[features], args[weight]
+    x, w = args[1 + found.features], args[1 + found.weight]
     if not total.is_contiguous() or x.dtype != total.dtype or w.dtype != total.dtype:
         return False
-    total.view(-1, total.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w if axis == 1 else w.t())
+    total.view(-1, total.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w if found.axes == (0, 1) else w.t())
     return True
 
 
@@ -239,9 +240,10 @@ def fuse_seeded_projections(module: torch.fx.GraphModule) -> int:
         if len(found) != 1 or found[0] is None or found[0].features is not split or found[0].real_index is not None:
             continue
         node, op = found[0].node, found[0].node.args[0]
+        args = list(node.args[1:])  # the op's own, the unsplit value in place of the features
+        args[projection_args(op).features] = split.args[0]
         with module.graph.inserting_before(node):
-            fused = _call(module.graph, project_feature_groups, (op, split.args[0], found[0].weight, found[0].bias),
-                          {"groups": split.kwargs["groups"]}, node)
+            fused = _call(module.graph, project_feature_groups, (op, *args), {"groups": split.kwargs["groups"]}, node)
         fused.meta["fxdepass_real"] = node.meta["fxdepass_real"]
         for reader in counting:
             reader.replace_input_with(split, fused)
@@ -254,17 +256,19 @@ def fuse_seeded_projections(module: torch.fx.GraphModule) -> int:
     return count
 
 
-def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                           groups: int | tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """The components of the projection ``op`` of ``split_features(value, groups=groups)``, made group
-    by group (Note [Seeded projections]): ``[G + 1, *rows, out]``, rest last.
+def project_feature_groups(op: Any, *args: Any, groups: int | tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The components of the projection ``op(*args)`` with its features (``value``) split as
+    ``split_features(value, groups=groups)``, made group by group (Note [Seeded projections]):
+    ``[G + 1, *rows, out]``, rest last.  ``args`` are the op's own, ``value`` in the features' place.
 
     >>> x, w = torch.randn(3, 4), torch.randn(4, 2)
     >>> torch.allclose(project_feature_groups(torch.ops.aten.mm.default, x, w, groups=2).sum(0), x @ w)
     True
     """
+    found = projection_args(op)
+    value, weight = args[found.features], args[found.weight]
     width = value.shape[-1]
-    weight = weight if PROJECTIONS[op][2] == 1 else weight.t()  # [in, out]
+    weight = weight if found.axes == (0, 1) else weight.t()  # [in, out]
     if isinstance(groups, int):
         groups = tuple(tuple(range(g * width // groups, (g + 1) * width // groups)) for g in range(groups))
     groups = [list(dict.fromkeys(i % width for i in group)) for group in groups]
@@ -292,7 +296,7 @@ def project_feature_groups(op: Any, value: torch.Tensor, weight: torch.Tensor, b
         else:
             out[-1].zero_()
     out = out.reshape(out.shape[0], *value.shape[:-1], weight.shape[1])
-    return out if bias is None else add_to_rest(out, bias)
+    return found.bias_to_rest(out, args)
 
 
 def _tile(groups: list[list[int]]) -> int:

@@ -34,7 +34,22 @@ An op may have a second rule under a *variant* name, chosen for a whole compiled
 so a variant only names the ops it changes.
 
 ``elementwise`` marks ops whose output element depends only on the same element of the inputs; the
-analysis uses it to find multi-op activations.
+analysis uses it to find multi-op activations, and the runner's neuron slices (fxdepass/blocked.py Note
+[Neuron chunks]) and routed rows ask :func:`is_elementwise` to know which component ops keep each element.
+
+Note [Projections]
+~~~~~~~~~~~~~~~~~~
+A *projection* multiplies features by a constant weight (``linear``, ``addmm``, ``mm``, ``matmul``).
+Several passes rewrite or locate projections: the linear rule puts a constant bias in rest with one add,
+narrowing computes only the weight columns that are read, the runner sums a projection into a residual
+and slices neurons, the locations find a block's output and down projections, the attribution graph
+reads their weights.  They all read where the features, the weight and the bias sit from the op's one
+declaration, ``projection=ProjectionArgs(...)`` on its ``deflinear``/``defbilinear``, as positions among
+the op's own arguments; :func:`projection_args` returns it.  A reader that sees the op's arguments
+shifted (a generated ``linear_map(op, *args)`` node) shifts the positions itself, in one place.
+``batched`` marks an op whose weight may be a batch of matrices (``matmul``): a projection only where
+the weight is a parameter (a matrix), which the graph readers check and the component passes do not,
+so those leave it alone.
 
 Note [Ops of other libraries]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -76,6 +91,9 @@ __all__ = [
     "across_components",
     "on_component_axis",
     "held_rows",
+    "ProjectionArgs",
+    "projection_args",
+    "is_elementwise",
 ]
 
 
@@ -86,6 +104,52 @@ class Kind(enum.Enum):
     GATE = "gate"
     ACTIVATION = "activation"
     CUSTOM = "custom"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionArgs:
+    """Where a projection's operands sit among the op's positional arguments (Note [Projections]).
+
+    Declared with argument names or positions; stored with positions.
+
+    >>> projection_args(torch.ops.aten.addmm.default)
+    ProjectionArgs(features=1, weight=2, axes=(0, 1), bias=0, unbiased=<OpOverload(op='aten.mm', overload='default')>, batched=False)
+    """
+
+    features: int | str
+    weight: int | str
+    #: the weight's input axis (the features') and output axis
+    axes: tuple[int, int]
+    bias: int | str | None = None
+    #: the op computing the same projection without its bias (``addmm`` → ``mm``), called on the other arguments
+    unbiased: Any = None
+    #: the weight may be a batch of matrices (``matmul``): component passes do not treat the op as a projection
+    batched: bool = False
+
+    def bias_of(self, args: Sequence[Any]) -> Any:
+        """The bias among the op's ``args``, ``None`` where the op has none or it is not given.
+
+        >>> b, x, w = torch.zeros(2), torch.zeros(1, 3), torch.zeros(3, 2)
+        >>> projection_args(torch.ops.aten.addmm.default).bias_of((b, x, w)) is b
+        True
+        """
+        return args[self.bias] if self.bias is not None and len(args) > self.bias else None
+
+    def without_bias(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        """The op's ``args`` without the bias: the arguments of :attr:`unbiased`."""
+        return tuple(a for i, a in enumerate(args) if i != self.bias)
+
+    def bias_to_rest(self, components: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
+        """``components`` of the projection made without its bias, with the bias in ``args`` (the op's
+        arguments) added to rest: the bias is a constant term (rules/linear.py Note [Constant terms of
+        affine ops]).  Every place that projects components without the bias finishes with this.
+
+        >>> linear = projection_args(torch.ops.aten.linear.default)
+        >>> linear.bias_to_rest(torch.zeros(3, 2), (None, None, torch.ones(2)))[:, 0]
+        tensor([0., 0., 1.])
+        """
+        bias = self.bias_of(args)
+        return components if bias is None else add_to_rest(components, bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +165,8 @@ class OpRule:
     fn: Callable[..., Any] | None = None
     #: a hand-written rule that also takes the activation allocation policy (Note [Kinds of ops])
     allocates: bool = False
+    #: where a projection's features, weight and bias are (Note [Projections])
+    projection: ProjectionArgs | None = None
 
     @property
     def name(self) -> str:
@@ -149,6 +215,27 @@ def _resolve(name: str) -> Any:
         return None
 
 
+def projection_args(op: Any) -> ProjectionArgs | None:
+    """Where ``op``'s features, weight and bias are when it is a projection, else ``None`` (Note [Projections]).
+
+    >>> projection_args(torch.ops.aten.linear.default).weight
+    1
+    """
+    rule = lookup(op)
+    return rule.projection if rule is not None else None
+
+
+def is_elementwise(op: Any) -> bool:
+    """Whether ``op``'s rule declares it ``elementwise``: each output element depends only on the same
+    element of the inputs.  Passes that need to know ask this, so an op declared later needs nothing more.
+
+    >>> is_elementwise(torch.ops.aten.add.Tensor), is_elementwise(torch.ops.aten.mm.default)
+    (True, False)
+    """
+    rule = lookup(op) if isinstance(op, torch._ops.OpOverload) else None
+    return rule is not None and rule.elementwise
+
+
 def _positions(op: Any, args: Iterable[int | str]) -> tuple[int, ...]:
     """Turn argument names (from the op's schema) or positions into positions."""
     names = [a.name for a in op._schema.arguments] if hasattr(op, "_schema") else []
@@ -181,32 +268,48 @@ def _ops(ops: Any) -> Sequence[Any]:
     return ops if isinstance(ops, (list, tuple)) else [ops]
 
 
+def _projection(op: Any, declared: ProjectionArgs | None) -> ProjectionArgs | None:
+    """``declared`` with its argument names turned into ``op``'s positions."""
+    if declared is None:
+        return None
+    features, weight = _positions(op, (declared.features, declared.weight))
+    bias = None if declared.bias is None else _positions(op, (declared.bias,))[0]
+    return dataclasses.replace(declared, features=features, weight=weight, bias=bias)
+
+
 def deflinear(
-    ops: Any, args: Sequence[int | str] = (0,), *, nonlinear: Sequence[int | str] = (), elementwise: bool = False
+    ops: Any, args: Sequence[int | str] = (0,), *, nonlinear: Sequence[int | str] = (), elementwise: bool = False,
+    projection: ProjectionArgs | None = None,
 ) -> None:
     """Declare ``ops`` jointly linear in ``args``; the others are static (shapes, dims, indices, weights).
 
     ``nonlinear`` names arguments the op is nonlinear in and that are frozen when they carry
     components (``div``'s divisor); elementwise, with the same source as ``args``, they make an activation.
+    ``projection`` says where a projection's operands are (Note [Projections]).
 
     >>> deflinear(torch.ops.aten.view.default)
     >>> deflinear(torch.ops.aten.add.Tensor, ("self", "other"), elementwise=True)
     """
     for op in _ops(ops):
         linear = _positions(op, args)
-        _register(OpRule(op, Kind.LINEAR, linear, linear, elementwise, _positions(op, nonlinear)))
+        _register(OpRule(op, Kind.LINEAR, linear, linear, elementwise, _positions(op, nonlinear),
+                         projection=_projection(op, projection)))
 
 
 def defbilinear(
-    ops: Any, factors: Sequence[int | str] = (0, 1), additive: Sequence[int | str] = (), *, elementwise: bool = False
+    ops: Any, factors: Sequence[int | str] = (0, 1), additive: Sequence[int | str] = (), *, elementwise: bool = False,
+    projection: ProjectionArgs | None = None,
 ) -> None:
-    """Declare ``ops`` linear in each of ``factors`` separately, plus the constant terms ``additive``.
+    """Declare ``ops`` linear in each of ``factors`` separately, plus the constant terms ``additive``;
+    ``projection`` says where a projection's operands are (Note [Projections]).
 
-    >>> defbilinear(torch.ops.aten.addmm.default, ("mat1", "mat2"), additive=("self",))
+    >>> defbilinear(torch.ops.aten.addmm.default, ("mat1", "mat2"), additive=("self",),
+    ...             projection=ProjectionArgs("mat1", "mat2", axes=(0, 1), bias="self", unbiased=torch.ops.aten.mm.default))
     """
     for op in _ops(ops):
         positions = _positions(op, factors)
-        _register(OpRule(op, Kind.BILINEAR, positions, _positions(op, additive), elementwise))
+        _register(OpRule(op, Kind.BILINEAR, positions, _positions(op, additive), elementwise,
+                         projection=_projection(op, projection)))
 
 
 def deffrozen(ops: Any) -> None:
@@ -252,9 +355,6 @@ def register_rule(
         return fn
 
     return decorate
-
-
-_REST = {"here": True}
 
 
 # Note [Sharded components]
@@ -327,28 +427,45 @@ def held_rows(components: torch.Tensor) -> torch.Tensor:
 def on_component_axis(axis: ComponentAxis) -> Iterator[None]:
     """Within the context, rules and seeds hold the components ``axis`` says (and rest only if it holds it)."""
     _AXIS.append(axis)
-    before = _REST["here"]
-    _REST["here"] = axis.rest
     try:
         yield
     finally:
         _AXIS.pop()
-        _REST["here"] = before
+
+
+class _WithoutRest(ComponentAxis):
+    """``axis`` in a part of its components that holds no rest (Note [Rest in parts of the components])."""
+
+    rest = False
+
+    def __init__(self, axis: ComponentAxis):
+        self.axis = axis
+
+    def held(self, count: int) -> tuple[int, int]:
+        return self.axis.held(count)
+
+    def reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        return self.axis.reduce(value, op)
+
+    def numbers(self, rows: int, device: torch.device) -> torch.Tensor:
+        return self.axis.numbers(rows, device)
 
 
 @contextlib.contextmanager
 def rest_in_block(present: bool) -> Iterator[None]:
-    """Within the context, the components rules see do (or do not) include the rest component.
+    """Within the context, the components rules see do (or do not) include the rest component
+    (Note [Rest in parts of the components]).
 
-    Only ``fxdepass.blocked`` sets it: its blocks past the first hold no rest (Note [Causal blocks]);
+    Only ``fxdepass.blocked`` enters it: its blocks past the first hold no rest (Note [Causal blocks]);
     a process that holds no rest at all (Note [Sharded components]) holds none in any block.
+
+    >>> with rest_in_block(False):
+    ...     add_to_rest(torch.zeros(2, 1), 1.0)[-1]
+    tensor([0.])
     """
-    before = _REST["here"]
-    _REST["here"] = present and _AXIS[-1].rest
-    try:
+    axis = _AXIS[-1]
+    with on_component_axis(axis if present or not axis.rest else _WithoutRest(axis)):
         yield
-    finally:
-        _REST["here"] = before
 
 
 def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
@@ -366,7 +483,7 @@ def add_to_rest(components: torch.Tensor, constant: torch.Tensor | float) -> tor
     if shape != components.shape[1:] or dtype != components.dtype:  # the constant widens the value
         each = components.reshape(components.shape[0], *[1] * (len(shape) - components.ndim + 1), *components.shape[1:])
         components = each + components.new_zeros(shape, dtype=dtype)
-    if _REST["here"]:
+    if _AXIS[-1].rest:
         components[-1].add_(constant)
     return components
 
@@ -378,6 +495,6 @@ def rest_only(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     tensor([0., 0., 0., 1.])
     """
     out = value.new_zeros(like.shape[0], *value.shape)
-    if _REST["here"]:
+    if _AXIS[-1].rest:
         out[-1] = value
     return out

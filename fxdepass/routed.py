@@ -39,7 +39,8 @@ import torch.fx
 from fxdepass.rules.activations import allocate
 from fxdepass.rules.routing import grouped_mm_fallback
 
-from .narrowing import ELEMENTWISE, VIEWS, component_inputs, component_op, real_shape, scaled_components, shape_of
+from .narrowing import VIEWS, component_inputs, component_op, real_shape, scaled_components, shape_of
+from .registry import is_elementwise
 
 __all__ = ["CHUNK_SHARE", "RoutedRegion", "routed_regions"]
 
@@ -161,7 +162,7 @@ def _body(last: Any, rows: sympy.Expr) -> list[torch.fx.Node] | None:
             if source is not None and source[0] != rows:  # the gather into routed rows: the body starts here
                 gathers += 1
                 continue
-        if node.target is not grouped_mm_fallback and node.target is not allocate and component_op(node) not in ELEMENTWISE:
+        if node.target is not grouped_mm_fallback and node.target is not allocate and not is_elementwise(component_op(node)):
             return None
         todo.extend(inputs)
     return body if gathers == 1 else None

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fxdepass.registry import add_to_rest, defbilinear, deflinear, lookup, register_rule
+from fxdepass.registry import ProjectionArgs, add_to_rest, defbilinear, deflinear, lookup, register_rule
 
 aten = torch.ops.aten
 
@@ -53,11 +53,16 @@ deflinear([aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, a
 deflinear([aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf], ("self", "other"), elementwise=True)
 deflinear([aten.masked_fill.Scalar, aten.masked_fill.Tensor], ("self", "value"), elementwise=True)
 deflinear(aten.div.Tensor, ("self",), nonlinear=("other",), elementwise=True)
-deflinear(aten.linear.default, ("input", "bias"))
+# Projections (registry Note [Projections]): the weight is ``[out, in]`` for ``linear``, ``[in, out]`` otherwise.
+deflinear(aten.linear.default, ("input", "bias"),
+          projection=ProjectionArgs("input", "weight", axes=(1, 0), bias="bias", unbiased=aten.linear.default))
 # Products: linear in either factor; both decomposed is handled by fxdepass.rules.products.
 defbilinear([aten.mul.Tensor, aten.multiply.Tensor], ("self", "other"), elementwise=True)
-defbilinear([aten.matmul.default, aten.mm.default, aten.bmm.default], (0, 1))
-defbilinear(aten.addmm.default, ("mat1", "mat2"), additive=("self",))
+defbilinear(aten.mm.default, (0, 1), projection=ProjectionArgs(0, 1, axes=(0, 1)))
+defbilinear(aten.matmul.default, (0, 1), projection=ProjectionArgs(0, 1, axes=(0, 1), batched=True))
+defbilinear(aten.bmm.default, (0, 1))
+defbilinear(aten.addmm.default, ("mat1", "mat2"), additive=("self",),
+            projection=ProjectionArgs("mat1", "mat2", axes=(0, 1), bias="self", unbiased=aten.mm.default))
 defbilinear(aten.baddbmm.default, ("batch1", "batch2"), additive=("self",))
 defbilinear(aten.einsum.default, ("tensors",))  # linear in each operand of the list
 defbilinear([aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding, aten.convolution.default],
@@ -118,11 +123,6 @@ def _direct(op: Any, args: tuple, in_dims: tuple, kwargs: dict) -> torch.Tensor 
     return None
 
 
-# A projection's constant bias is one add to the rest component: the components go through the
-# product without it, instead of a product with a zero bias (a pass over every component for nothing).
-_WITHOUT_BIAS = {aten.addmm.default: (0, aten.mm.default), aten.linear.default: (2, aten.linear.default)}
-
-
 def _split_constant_terms(args: tuple, in_dims: tuple, additive: tuple[int, ...]) -> tuple[list, list | None]:
     """Split ``args`` into (constant terms zeroed, components zeroed), see Note [Constant terms of affine ops].
 
@@ -169,11 +169,15 @@ def linear_map(op: Any, *args: Any, in_dims: tuple, **kwargs: Any) -> Any:
     torch.Size([3, 2, 5])
     """
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
-    bias, without = _WITHOUT_BIAS.get(op, (None, None))
-    if bias is not None and not kwargs and len(args) > bias and isinstance(args[bias], torch.Tensor) and in_dims[bias] is None:
-        args, in_dims, constant = args[:bias] + args[bias + 1:], in_dims[:bias] + in_dims[bias + 1:], args[bias]
-        return add_to_rest(linear_map(without, *args, in_dims=in_dims), constant)
-    varying, constant = _split_constant_terms(args, in_dims, lookup(op).additive_args)
+    rule = lookup(op)
+    projected = rule.projection
+    # A projection's constant bias is one add to the rest component: the components go through the
+    # product without it, instead of a product with a zero bias (a pass over every component for nothing).
+    if (projected is not None and projected.unbiased is not None and not kwargs
+            and isinstance(projected.bias_of(args), torch.Tensor) and in_dims[projected.bias] is None):
+        unbiased = linear_map(projected.unbiased, *projected.without_bias(args), in_dims=projected.without_bias(in_dims))
+        return projected.bias_to_rest(unbiased, args)
+    varying, constant = _split_constant_terms(args, in_dims, rule.additive_args)
     direct = None if constant is not None else _direct(op, args, in_dims, kwargs)
     if direct is not None:
         return direct

@@ -190,3 +190,36 @@ def test_projections_summed_into_the_residual_equal_the_plain_module(family: str
         module = decomposed._module(captured, fxdepass.tokens(), readouts)[0]
         runner = BlockedInterpreter(module, captured.sequence_length.node.expr, captured.batch_symbol, blocks=3)
         assert len(runner.accumulate) == summed
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])  # a product by the real up projection inside
+def test_neuron_slices_and_routed_rows_take_elementwise_ops_from_the_registry(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which component ops keep each element is the rules' ``elementwise`` declaration (registry.is_elementwise),
+    not a list of the runner's own: every elementwise op inside a region is there because its rule says so, and
+    declared otherwise it ends the region (a hand-kept list once missed ops declared later)."""
+    import dataclasses
+
+    from fxdepass.narrowing import component_op
+    from fxdepass.registry import RULES, is_elementwise
+
+    model = families.build(family, layers=1, seed=0)
+    decomposed = fxdepass.compile(model, dtype=torch.float64 if family not in families.MOE else None)
+    decomposed.attribute(torch.randint(0, families.VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)))
+    module = decomposed._module(next(iter(decomposed._captures.values())), fxdepass.tokens(), ("logits",))[0]
+
+    def regions() -> list[list[str]]:
+        module.meta.pop("neuron_regions", None)
+        module.meta.pop("routed_regions", None)
+        return ([[m.name for m in r.members] for r in neuron_regions(module).values()]
+                + [[m.name for m in r.body] for r in routed_regions(module).values()])
+
+    found = regions()
+    assert found
+    inside = {component_op(n) for n in module.graph.nodes if any(n.name in members for members in found)}
+    elementwise = {op for op in inside if is_elementwise(op)}
+    assert elementwise
+    for op in elementwise:
+        with monkeypatch.context() as patch:
+            patch.setitem(RULES, op, dataclasses.replace(RULES[op], elementwise=False))
+            assert len(regions()) < len(found), f"{op} is not elementwise, yet a region still runs through it"
+    assert regions() == found

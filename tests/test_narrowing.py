@@ -55,12 +55,12 @@ def test_feature_groups_projected_equal_the_split_then_projected(op: object, gro
     bias = torch.randn(3, dtype=torch.float64, generator=generator) if bias_first is not None else None
     split = split_features(value, groups=groups)
     if bias_first is None:
-        expected = linear_map(op, split, weight, in_dims=(0, None))
+        expected, args = linear_map(op, split, weight, in_dims=(0, None)), (value, weight)
     elif bias_first:
-        expected = linear_map(op, bias, split, weight, in_dims=(None, 0, None))
+        expected, args = linear_map(op, bias, split, weight, in_dims=(None, 0, None)), (bias, value, weight)
     else:
-        expected = linear_map(op, split, weight, bias, in_dims=(0, None, None))
-    got = project_feature_groups(op, value, weight, bias, groups=groups)
+        expected, args = linear_map(op, split, weight, bias, in_dims=(0, None, None)), (value, weight, bias)
+    got = project_feature_groups(op, *args, groups=groups)
     assert got.shape == expected.shape
     assert relative_error(got, expected) <= 1e-12
 

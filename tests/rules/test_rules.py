@@ -248,11 +248,16 @@ def _activation_input(op: Any) -> torch.Tensor:
                                    aten.pow.Tensor_Tensor, aten.log1p.default) else z
 
 
-def _apply(op: Any, z: torch.Tensor) -> torch.Tensor:
+def _extra(op: Any) -> tuple:
+    """The operands of an activation or gate after its input."""
     extra = {aten.pow.Tensor_Scalar: (2.0,), aten.pow.Tensor_Tensor: (r(1).abs() + 0.5,), aten.clamp.default: (-0.5, 0.5),
              aten.clamp.Tensor: (torch.tensor(-0.5), torch.tensor(0.5)), aten.clamp_min.default: (0.0,),
              aten.clamp_max.default: (0.0,), aten.maximum.default: (r(6),), aten.minimum.default: (r(6),)}
-    return op(z, *extra.get(op, ()))
+    return extra.get(op, ())
+
+
+def _apply(op: Any, z: torch.Tensor) -> torch.Tensor:
+    return op(z, *_extra(op))
 
 
 @pytest.mark.parametrize("mode", ["softmax", "linear", "max"])
