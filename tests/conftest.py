@@ -12,6 +12,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The capture cache stays off (no user cache directory written, no serialising on every compile), except in
+# tests/test_cache.py, which turns it on in a temporary directory of its own; subprocesses inherit this.
+os.environ["FXDEPASS_NO_CACHE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 warnings.filterwarnings("ignore", message=".*multiplies two decomposed values.*")
