@@ -11,6 +11,7 @@ cache=False)``) turns the cache off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -19,6 +20,8 @@ import os
 import shutil
 import sys
 import tempfile
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -156,7 +159,7 @@ def _deserialize(program: bytes, constants: bytes, model: torch.nn.Module) -> An
     from safetensors.torch import load
 
     import transformers.modeling_outputs  # noqa: F401  (registers model outputs with pytree, for the out spec)
-    from torch._export.serde import serialize
+    from torch._export.serde import schema, serialize
 
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     held = {name: tensor.to(device) for name, tensor in load(constants).items()}
@@ -170,9 +173,57 @@ def _deserialize(program: bytes, constants: bytes, model: torch.nn.Module) -> An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return serialize.deserialize(serialize.SerializedArtifact(program, state, held, b""))
+            serialized = _schema_object(schema.ExportedProgram, json.loads(program))
+            return serialize.ExportedProgramDeserializer().deserialize(serialized, state, held, None)
     finally:
         log.setLevel(level)
+
+
+# Note [Reading the program's JSON]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# torch's own reader of the serialised program (``serialize._dict_to_dataclass``) resolves the type hints
+# of a schema class again for every object it builds: some 50 000 times for a 30-layer model, a third of
+# a cached compile.  :func:`_schema_object` builds the same objects from the same JSON by the same rules
+# (optional fields, tagged unions, dataclasses, lists, dicts, floats spelled as strings), with each
+# class's hints resolved once.  tests/test_cache.py checks a cached compile generates the same code and
+# numbers as a fresh one.
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    from torch._export.serde import schema
+
+    return typing.get_type_hints(cls, globalns=vars(schema))
+
+
+def _schema_object(cls: Any, data: Any) -> Any:
+    """The object of torch's export schema type ``cls`` that JSON ``data`` spells (Note [Reading the program's JSON])."""
+    from torch._export.serde import schema
+    from torch._export.serde.union import _Union
+
+    if isinstance(cls, str):
+        cls = getattr(schema, cls)
+    elif isinstance(cls, typing.ForwardRef):
+        cls = getattr(schema, cls.__forward_arg__)
+    origin = typing.get_origin(cls)
+    if origin is typing.Annotated:
+        return _schema_object(cls.__origin__, data)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):
+        return None if data is None else _schema_object(typing.get_args(cls)[0], data)
+    if isinstance(cls, type) and issubclass(cls, _Union):
+        (tag, value), = data.items()
+        return cls.create(**{tag: _schema_object(_hints(cls)[tag], value)})
+    if dataclasses.is_dataclass(cls):
+        hints = _hints(cls)
+        return cls(**{f.name: _schema_object(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
+    if isinstance(data, list):
+        return [_schema_object(typing.get_args(cls)[0], d) for d in data] if data else data
+    if isinstance(data, dict):
+        value = typing.get_args(cls)[1]
+        return {k: _schema_object(value, v) for k, v in data.items()}
+    if cls is float:
+        return float(data)
+    return data
 
 
 def _non_persistent(model: torch.nn.Module) -> set[str]:
