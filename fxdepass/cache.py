@@ -90,10 +90,9 @@ class Entry:
     @classmethod
     def of(cls, model: torch.nn.Module, kwargs: dict[str, Any], shapes: dict[str, Any] | None) -> "Entry | None":
         """The entry for exporting ``model`` on ``kwargs`` with ``shapes`` (``torch.export``'s dynamic shapes),
-        or ``None`` when the model holds what a key cannot describe (hooks, a replaced ``forward``)."""
-        from .capture import forward_hooks
-
-        if forward_hooks(model) or _global_hooks() or any("forward" in vars(m) for m in model.modules()):
+        or ``None`` when the model holds what a key cannot describe (global hooks, a replaced ``forward``;
+        the caller leaves out a model with forward hooks of its own)."""
+        if _global_hooks() or any("forward" in vars(m) for m in model.modules()):
             return None
         key = {"format": FORMAT, "versions": _versions(), "model": _model_key(model), "inputs": _inputs_key(kwargs, shapes)}
         text = json.dumps(key, sort_keys=True)

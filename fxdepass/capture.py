@@ -19,6 +19,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from . import cache as captures
 from .errors import CaptureError
 
 __all__ = ["CapturedModel", "capture", "evaluating", "forward_hooks", "stamp", "Stamp", "model_inputs", "model_device",
@@ -247,8 +248,6 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
 
     >>> captured = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # doctest: +SKIP
     """
-    from . import cache as captures
-
     kwargs: dict[str, Any] = {**example, **run_options(model)}
     limit = position_limit(model)
     shapes = None
@@ -258,7 +257,8 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
         shapes = {k: ({0: batch, 1: sequence} if k in example else None) for k in kwargs}
     hooks = forward_hooks(model)
     name = type(model).__name__
-    entry = captures.Entry.of(model, kwargs, shapes) if captures.enabled(cache) else None
+    # Forward hooks are traced into the graph, and code has no key (Note [What the capture cache keeps])
+    entry = captures.Entry.of(model, kwargs, shapes) if captures.enabled(cache) and not hooks else None
     program = None
     if entry is not None:
         with _stage(f"reading {name}'s capture from {captures.directory()}", progress):
