@@ -68,6 +68,8 @@ class DecomposedModel:
         tokenizer: Any = None,
         causal_blocks: int = 8,
         torch_compile: bool = False,
+        cache: bool = True,
+        progress: bool | None = None,
     ):
         _check_model(model)
         if activation not in ALLOCATIONS:
@@ -83,6 +85,7 @@ class DecomposedModel:
         if self.causal_blocks < 0:
             raise InvalidInputError(f"causal_blocks must be 0 or more, got {causal_blocks!r}")
         self.torch_compile = bool(torch_compile)
+        self._cache, self._progress = bool(cache), progress
         parameter = next(model.parameters(), None)
         self.model_dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = model_device(model)
@@ -119,12 +122,12 @@ class DecomposedModel:
             self._follow_model(captured)
             return captured
         try:
-            captured = capture(self.model, inputs, dynamic=key is None)
+            captured = capture(self.model, inputs, dynamic=key is None, cache=self._cache, progress=self._progress)
         except CaptureError:
             if key is not None:
                 raise
             self._dynamic, key = False, (batch, length)
-            captured = capture(self.model, inputs, dynamic=False)
+            captured = capture(self.model, inputs, dynamic=False, cache=self._cache, progress=self._progress)
         if self._casts:  # SPEC §5: no casts to lower precision
             cast_floats(captured.graph, self.dtype)
             captured.tensors = {name: (target, self._held(t)) for name, (target, t) in captured.tensors.items()}
@@ -791,6 +794,8 @@ def compile(
     tokenizer: Any = None,
     causal_blocks: int = 8,
     torch_compile: bool = False,
+    cache: bool = True,
+    progress: bool | None = None,
 ) -> DecomposedModel:
     """Compile a Hugging Face model for DePass attribution.
 
@@ -804,6 +809,10 @@ def compile(
     zeros before each token's position are never computed (0 or 1: one dense block).
     ``torch_compile=True`` runs the dense generated module through ``torch.compile`` (measured in
     docs/performance.md: compiling takes minutes and did not pay off on CPU there).
+    ``cache`` keeps the captured graph in a cache directory shared by processes (fxdepass/cache.py:
+    ``$FXDEPASS_CACHE`` or ``~/.cache/fxdepass``; ``FXDEPASS_NO_CACHE=1`` also turns it off), so that
+    compiling the same model again skips ``torch.export``; ``progress`` prints the time of each stage on
+    stderr (default: when stderr is a terminal).
     The model itself is never modified.
 
     >>> decomposed = fxdepass.compile(model, dtype=torch.float64)              # doctest: +SKIP
@@ -811,7 +820,7 @@ def compile(
     """
     decomposed = DecomposedModel(
         model, example_inputs=example_inputs, activation=activation, temperature=temperature, attention=attention, dtype=dtype,
-        tokenizer=tokenizer, causal_blocks=causal_blocks, torch_compile=torch_compile,
+        tokenizer=tokenizer, causal_blocks=causal_blocks, torch_compile=torch_compile, cache=cache, progress=progress,
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed

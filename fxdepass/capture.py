@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import sys
+import time
 import warnings
 from typing import Any, Iterator, NamedTuple
 
@@ -17,6 +19,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from . import cache as captures
 from .errors import CaptureError
 
 __all__ = ["CapturedModel", "capture", "evaluating", "forward_hooks", "stamp", "Stamp", "model_inputs", "model_device",
@@ -237,8 +240,11 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 # where such a region is an ordinary part of the graph.
 
 
-def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True) -> CapturedModel:
-    """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.
+def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic: bool = True, cache: bool = True,
+            progress: bool | None = None) -> CapturedModel:
+    """Export ``model`` on the ``example`` inputs; the model is left exactly as it was.  With ``cache`` the
+    program comes from, or goes to, the capture cache (fxdepass/cache.py); ``progress`` prints each stage's
+    time on stderr (default: when stderr is a terminal).
 
     >>> captured = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # doctest: +SKIP
     """
@@ -250,22 +256,49 @@ def capture(model: torch.nn.Module, example: dict[str, torch.Tensor], *, dynamic
         sequence = torch.export.Dim("sequence", min=2, max=max(limit or 4096, 3))
         shapes = {k: ({0: batch, 1: sequence} if k in example else None) for k in kwargs}
     hooks = forward_hooks(model)
-    try:
-        with warnings.catch_warnings(), evaluating(model):
-            warnings.simplefilter("ignore")
-            with torch.no_grad():  # Note [Export without autograd]
-                program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-            program = program.run_decompositions({})
-    except Exception as error:  # torch.export raises many unrelated types
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. Things to try: "
-            "load the model with attn_implementation='eager' or 'sdpa', or pass static shapes "
-            "(fxdepass.compile(..., example_inputs=...) with the exact prompt shape)."
-        ) from error
+    name = type(model).__name__
+    # Forward hooks are traced into the graph, and code has no key (Note [What the capture cache keeps])
+    entry = captures.Entry.of(model, kwargs, shapes) if captures.enabled(cache) and not hooks else None
+    program = None
+    if entry is not None:
+        with _stage(f"reading {name}'s capture from {captures.directory()}", progress):
+            program = entry.load(model)
+    if program is None:
+        try:
+            with warnings.catch_warnings(), evaluating(model):
+                warnings.simplefilter("ignore")
+                with _stage(f"exporting {name}", progress), torch.no_grad():  # Note [Export without autograd]
+                    program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+                with _stage("functionalising", progress):
+                    program = program.run_decompositions({})
+        except Exception as error:  # torch.export raises many unrelated types
+            raise CaptureError(
+                f"torch.export could not capture {name}: {type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. Things to try: "
+                "load the model with attn_implementation='eager' or 'sdpa', or pass static shapes "
+                "(fxdepass.compile(..., example_inputs=...) with the exact prompt shape)."
+            ) from error
+        if entry is not None:
+            with _stage("saving the capture", progress):
+                entry.store(program)
     captured = _captured(model, program, example, dynamic)
     captured.hooks = hooks
     return captured
+
+
+@contextlib.contextmanager
+def _stage(message: str, progress: bool | None) -> Iterator[None]:
+    """``fxdepass: <message> … 4.1 s`` on stderr around a stage of compiling, when ``progress`` (``None``:
+    when stderr is a terminal, so tests and pipes stay quiet)."""
+    show = sys.stderr.isatty() if progress is None else progress
+    started = time.perf_counter()
+    if show:
+        print(f"fxdepass: {message} …", end="", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        if show:
+            print(f" {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def _captured(model: torch.nn.Module, program: Any, example: dict[str, torch.Tensor], dynamic: bool) -> CapturedModel:

@@ -228,7 +228,8 @@ def _compile(source: Any, dtype: str, progress: Progress, device: Any) -> tuple[
                   f"({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, {device})")
     started = time.perf_counter()
     # Reduced precision: components in the model's own dtype, its casts to float32 (norms) kept as they are.
-    decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=None if dtype in REDUCED else getattr(torch, dtype))
+    decomposed = fxdepass.compile(model, tokenizer=tokenizer, dtype=None if dtype in REDUCED else getattr(torch, dtype),
+                                  progress=False if progress.quiet else None)
     progress.step(f"compiled in {time.perf_counter() - started:.1f} s")
     return decomposed, tokenizer
 

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The capture cache stays off (no user cache directory written, no serialising on every compile), except in
+# tests/test_cache.py, which turns it on in a temporary directory of its own; subprocesses inherit this.
+os.environ["FXDEPASS_NO_CACHE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # under pytest-xdist (`make test` runs one worker per core) each worker takes one core; alone, two threads
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
