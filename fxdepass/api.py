@@ -5,52 +5,35 @@ import dataclasses
 import functools
 import math
 import numbers
-import warnings
 from typing import Any, Iterator, Sequence
 
-import sympy
 import torch
 import torch.fx
 
 from . import shards
-from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
 from .capture import (CapturedModel, capture, cast_floats, evaluating, forward_hooks, model_device, model_inputs,
                       position_limit, probe_ids, run_options, stamp)
 from .checks import has_data, index_groups, integer, real
 from .dataset import Record, attribute_dataset
-from .diagnose import diagnose
 from .errors import (
     CaptureError,
     InvalidInputError,
     InvalidReadoutError,
     ModelChangedError,
-    OutOfMemoryEstimateError,
-    ReconstructionError,
 )
 from .inputs import Encoded, encode
 from .locations import Locations
-from .narrowing import last_axis, shape_of
+from .planning import TOLERANCE, PassPlan, check_sums, estimate_memory, guard, plan_pass
 from .readouts import READOUTS, readout_nodes
 from .registry import projection_args
 from .results import Attribution
 from .rewrite import ATTENTIONS, Policy, build_module
-from .routed import routed_regions
 from .seeds import Custom, Seed, Tokens, tokens
 from .targets import LogProb, Predicted, Target, Token, TokenAt, per_prompt
 from fxdepass.rules.activations import ALLOCATIONS
-from fxdepass.rules.attention import ROUTED_CHUNK, routed_attention
 
 __all__ = ["compile", "DecomposedModel", "Attribution", "GeneratedAttribution"]
 
-#: largest relative reconstruction error accepted per compute dtype (SPEC §5)
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-#: one causal block per this many positions (up to ``causal_blocks``): smaller blocks save less time
-#: than their Python overhead costs; prompts shorter than this run in one block
-BLOCK_POSITIONS = 16
-#: but at least this many blocks: fewer leave short prompts above 2.5 residual streams of memory
-#: (llama medium, N = 16: 2.64 with two blocks, 2.44 with three, for 2% more time)
-MIN_BLOCKS = 3
 
 
 class DecomposedModel:
@@ -372,7 +355,7 @@ class DecomposedModel:
         the read positions only (single prompts of position-wise models), and the head only for the target.
         Several readouts (``readout=["logits", "layers"]``) come from one decomposed pass and are returned as
         a dict of attributions.  ``memory_limit`` (bytes; default 80% of what the model's device has available:
-        free GPU memory on CUDA, available RAM on the CPU, :func:`available_memory`) bounds the estimated peak
+        free GPU memory on CUDA, available RAM on the CPU, :func:`fxdepass.planning.available_memory`) bounds the estimated peak
         of the decomposed pass: above it, :class:`OutOfMemoryEstimateError` says what would fit.
         Every result is checked: components summing to the real value within :data:`TOLERANCE` of the
         compute dtype, everything finite.  A failed sum warns (``strict=True``: raises
@@ -418,37 +401,21 @@ class DecomposedModel:
         computed = tuple(dict.fromkeys("hidden" if (n == "logits" and head is not None) else n for n in names))
         module, counts = self._module(captured, seed, computed)
         last = [ids.shape[1] - 1]
-        restrict = (ids.shape[0] == 1 and set(computed) <= {"logits", "hidden"} and all(r == last for r in reads.values())
-                    and isinstance(captured.sequence_length, torch.SymInt) and self._position_wise(captured, module))
-        arguments = [inputs[name] for name in captured.inputs]
-        blocked = self._blocked(captured, module, seed, ids)
-        # MLP hidden layers run in neuron slices (Note [Neuron chunks]) by the interpreter, in one block if not causal
-        sliced = (isinstance(captured.sequence_length, torch.SymInt) and ids.shape[0] == 1 and not self.torch_compile
-                  and bool(neuron_regions(module)))
-        labels = seed.labels(ids, self.locations_of(captured), self.tokenizer) if not isinstance(seed, Custom) or seed.names else None
-        blocks = min(self.causal_blocks, max(MIN_BLOCKS, ids.shape[1] // BLOCK_POSITIONS)) if blocked else 1
-        routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner below will
         target_rows = 0 if head is None else ids.shape[0] * len(reads["logits"] or range(ids.shape[1])) * head[0].shape[0]
-        plan = PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict, target_rows=target_rows)
+        plan = self._plan(module, captured, seed, ids, last_position_read=set(computed) <= {"logits", "hidden"}
+                          and all(r == last for r in reads.values()), target_rows=target_rows)
+        arguments = [inputs[name] for name in captured.inputs]
+        labels = self._labels(seed, ids, captured)
         count = len(labels) if labels else ids.shape[1] + 1
-        shard = shards.shard_for(distributed, gather, causal=blocked, attention=self.policy.attention,
+        shard = shards.shard_for(distributed, gather, causal=plan.blocked, attention=self.policy.attention,
                                  compiled=self.torch_compile)
         if shard is not None:
             shards.check_same_inputs(ids, shard)
             count = max(shard.rows(count - 1))  # the most any process holds
         with shards.together(shard):
-            estimate = self._check_memory(module, captured, ids, plan, memory_limit, count)
-        blocked_run = (dict(symbol=captured.sequence_length.node.expr, batch=captured.batch_symbol, blocks=blocks,
-                            last_position_only=restrict) if blocked or restrict or sliced else None)  # each needs a dynamic length
-        with torch.no_grad(), shards.sharded(shard):
-            if blocked_run is not None:
-                outputs = BlockedInterpreter(module, **blocked_run).run(*arguments)
-            elif self.torch_compile:
-                if "compiled" not in module.meta:
-                    module.meta["compiled"] = torch.compile(module, dynamic=True)
-                outputs = module.meta["compiled"](*arguments)
-            else:
-                outputs = module(*arguments)
+            estimate = guard(self.estimate_memory(module, captured, ids, count, plan), memory_limit, self.device, ids.shape[1])
+        with shards.sharded(shard):
+            outputs = plan.run(module, arguments)
         if shard is not None:
             outputs = shards.gather(outputs, shard)
             if outputs is None:
@@ -463,7 +430,7 @@ class DecomposedModel:
         def read(name: str, at: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
             """(total, components) of a position-wise readout at positions ``at`` (``None``: all)."""
             (total, components), = values[name]
-            if restrict or at is None:  # a restricted pass computed the last position only
+            if plan.last_position_only or at is None:  # a restricted pass computed the last position only
                 return total, components
             index = torch.tensor(at, device=total.device)
             return total.index_select(1, index), components.index_select(2, index)
@@ -482,9 +449,49 @@ class DecomposedModel:
                 results[name] = Attribution(parts, value, **common, targets=wanted, target_labels=titles)
             else:
                 results[name] = Attribution(*reversed(read(name, reads[name])), **common)
-        self._check(results, module, arguments, strict, blocked_run)
+        check_sums({name: (a.total, a.components, a.component_axis) for name, a in results.items()}, module, arguments,
+                   plan, self.dtype, strict)
         self._describe(list(results.values()), seed, captured, ids, attention_mask, texts)
         return results[names[0]] if isinstance(readout, str) else results
+
+    def decompose_nodes(self, input_ids: Any, seed: Seed, nodes: Sequence[torch.fx.Node], *, memory_limit: float | None = None,
+                        strict: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(real value, components) of each of ``nodes`` — nodes of the graph captured for ``input_ids``
+        (:meth:`locations_for`), including values no readout names, such as a head's output before its output
+        projection — for one pass of ``seed``.  Planned, guarded and checked as :meth:`attribute` is: each value's
+        components (leading axis, rest last) sum to it within :data:`TOLERANCE`.
+
+        >>> where = decomposed.locations_for(decomposed.prompt_inputs(ids))                    # doctest: +SKIP
+        >>> decomposed.decompose_nodes(ids, fxdepass.tokens(), [p.node for p in fxdepass.tokens().points(where)])  # doctest: +SKIP
+        """
+        inputs = self.prompt_inputs(input_ids)
+        ids, captured = inputs["input_ids"], self._capture(inputs)
+        nodes = tuple(nodes)
+        key = (id(captured), seed, nodes)
+        if key not in self._modules:
+            prefix = getattr(self.model, "base_model_prefix", "")
+            module = build_module(captured, seed, seed.points(self.locations_of(captured)), list(nodes), self.policy, prefix)
+            self._modules[key] = (module, [len(nodes)])
+        module = self._modules[key][0]
+        plan = self._plan(module, captured, seed, ids)
+        arguments = [inputs[name] for name in captured.inputs]
+        guard(self.estimate_memory(module, captured, ids, self._component_count(seed, ids, captured), plan),
+              _memory_limit(memory_limit), self.device, ids.shape[1])
+        outputs = [tuple(pair) for pair in plan.run(module, arguments)]
+        check_sums({node.name: (real, parts, 0) for node, (real, parts) in zip(nodes, outputs)}, module, arguments, plan,
+                   self.dtype, strict)
+        return outputs
+
+    def _labels(self, seed: Seed, ids: torch.Tensor, captured: CapturedModel) -> list[str] | None:
+        """The labels of ``seed``'s components for these prompts (``None``: a custom seed without names)."""
+        if isinstance(seed, Custom) and not seed.names:
+            return None
+        return seed.labels(ids, self.locations_of(captured), self.tokenizer)
+
+    def _component_count(self, seed: Seed, ids: torch.Tensor, captured: CapturedModel) -> int:
+        """How many components a pass of ``seed`` over ``ids`` has, rest included (a guess for unnamed custom seeds)."""
+        labels = self._labels(seed, ids, captured)
+        return len(labels) if labels else ids.shape[1] + 1
 
     def _read_positions(self, positions: Any, readout: str, length: int) -> list[int] | None:
         """The positions ``readout`` is read at (``None``: all): ``positions`` is ``None`` (the last for logits,
@@ -540,109 +547,21 @@ class DecomposedModel:
                   else Token(int(logits[b, -1].argmax())).label(self.tokenizer) for b, t in enumerate(targets)]
         return parts.unsqueeze(-1), value.unsqueeze(-1), titles
 
-    def _check(self, results: dict[str, Attribution], module: torch.fx.GraphModule, arguments: list, strict: bool,
-               blocked_run: dict[str, Any] | None) -> None:
-        """Check finiteness and the reconstruction of every result; explain a failure by its first node, found by
-        running the pass again, as it ran where needed (``blocked_run``: the options of the BlockedInterpreter it ran in)."""
-        tolerance = TOLERANCE.get(self.dtype, 1e-2)
-        # NaN or inf in any component makes the sum over components non-finite, so the check reads the sum (one
-        # value per output entry) instead of the components, whose temporaries would cost the pass's peak.
-        finite = all(bool(torch.isfinite(a.components.sum(a.component_axis)).all() and torch.isfinite(a.total).all())
-                     for a in results.values())
-        errors = {name: a.reconstruction_error() for name, a in results.items()} if finite else {}
-        if finite and all(e <= tolerance for e in errors.values()):
-            return
-        # the dense module first (every value whole, so the first wrong node is exact); where it does not
-        # reproduce the failure, the runner that failed (it computes differently: fxdepass/diagnose.py)
-        found = diagnose(module, arguments, tolerance)
-        if blocked_run is not None and (found.not_finite is None if not finite else found.diverges is None):
-            found = diagnose(module, arguments, tolerance, BlockedInterpreter, **blocked_run)
-        if not finite and found.decomposition:
-            raise InvalidInputError(
-                f"the decomposed pass produced NaN or inf first at {found.not_finite}, where the model's own value is "
-                "finite: the components there overflow (a seed's values or a split far larger than the model's "
-                "activations, an extreme temperature); try dtype=torch.float64 or smaller seed values")
-        if not finite:
-            raise InvalidInputError(
-                "the pass produced NaN or inf" + (f", first at {found.not_finite}" if found.not_finite else "")
-                + "; check the model's weights and the inputs for NaN/inf or overflow (try dtype=torch.float64)"
-            )
-        worst = max(errors, key=errors.get)
-        message = (f"components of {worst!r} do not sum to the real value: error {errors[worst]:.2e} > {tolerance:.0e}"
-                   + (f"; the sum first diverges at {found.diverges}" if found.diverges else ""))
-        if strict:
-            raise ReconstructionError(message)
-        warnings.warn("fxdepass: " + message, stacklevel=3)
-
     def estimate_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor,
                         components: int, plan: PassPlan | None = None) -> int:
-        """Estimated peak bytes of one decomposed pass run as ``plan`` says (default: the dense module).
-
-        Inside the pass, the largest components tensor and the largest real tensor, each held about three
-        times (an input, the output, a temporary), 0.6 of that in causal blocks; the outputs' components
-        2.5 times (1.5 read at the last position only) and the real outputs once, all held at once
-        (assembled whole, then summed by the reconstruction check); and the target rows' logits,
-        coefficients and their copies, twice ``target_rows`` values.  tests/test_api.py holds this within
-        0.8–1.5× of the allocator's peak on SmolLM2 (``test_memory_estimate_on_smollm2``).  Values run in
-        neuron slices (``sliced``, Note [Neuron chunks]) or routed chunks (``routed``, Note [Routed rows])
-        do not count; ``attention="routed"`` adds its score parts for one chunk of heads, four times.  After
-        the last attention a ``last_position_only`` pass holds one position.  A projection narrowed to the
-        columns that are read counts those; values whose size depends on the data (the rows routed to one
-        expert) are left out, unknown before the run.  The bench checks the
-        estimate against the allocator's peak (docs/performance.md, *estimate MB*).
+        """Estimated peak bytes of one decomposed pass in this model's compute dtype, run as ``plan`` says (default:
+        the dense module); see :func:`fxdepass.planning.estimate_memory`.
 
         >>> decomposed.estimate_memory(module, captured, ids, components=ids.shape[1] + 1)  # doctest: +SKIP
         50331648
         """
-        plan = plan or PassPlan()
-        values = ((captured.batch_size, ids.shape[0]), (captured.sequence_length, ids.shape[1]))
-        symbols = {size.node.expr: value for size, value in values if isinstance(size, torch.SymInt)}
-        tail = set()
-        if plan.last_position_only and isinstance(captured.sequence_length, torch.SymInt):
-            tail = position_wise_tail(module, captured.sequence_length.node.expr, captured.batch_symbol)
-        sizes = _value_sizes(module, plan.sliced, plan.routed)
+        return estimate_memory(module, captured, ids, components, plan or PassPlan(), self.dtype)
 
-        def evaluate(size: sympy.Expr, node: torch.fx.Node) -> int | None:
-            last = {captured.sequence_length.node.expr: 1} if node in tail else {}
-            found = size.subs({**symbols, **last})
-            return None if found.free_symbols else int(found)  # unbacked: unknown
-
-        def largest(found: list[tuple[torch.fx.Node, sympy.Expr]], growing: bool = False) -> int:
-            kept = [evaluate(size, node) for node, size in found if not growing or size.free_symbols & set(symbols)]
-            return max([k for k in kept if k is not None], default=0)
-
-        def total(found: list[tuple[torch.fx.Node, sympy.Expr]]) -> int:
-            return sum(v for v in (evaluate(size, node) for node, size in found) if v is not None)
-
-        inner = 3 * (components * largest(sizes.components) + largest(sizes.real, growing=True))
-        held = 1.5 if plan.last_position_only else 2.5  # measured on SmolLM2: the pass's own blocks, then assembled
-        outputs = held * components * total(sizes.outputs) + total(sizes.real_outputs)
-        inside = inner * (0.6 if plan.blocked else 1.0)
-        # routed attention's score parts for one chunk of heads, held about 4 times (the parts, their signed
-        # copy, the allocation's weights and shares), assembled in full by either runner
-        routing = 0
-        for node, per_head, heads in sizes.routing:
-            found = evaluate(per_head, node)
-            if found is not None:
-                chunk = min(heads, max(1, ROUTED_CHUNK // max(components * found, 1)))
-                routing = max(routing, 4 * components * chunk * found)
-        return int((inside + routing + outputs + 2 * plan.target_rows) * torch.finfo(self.dtype).bits // 8)
-
-    def _check_memory(self, module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, plan: PassPlan,
-                      limit: float | None, components: int) -> int:
-        """The estimated peak bytes of the pass; raises if they are above ``limit``."""
-        if limit is None:
-            available = available_memory(self.device)
-            limit = None if available is None else available * 8 // 10
-        need = self.estimate_memory(module, captured, ids, components, plan)
-        if limit is not None and need > limit:
-            fits = int(ids.shape[1] * (limit / need) ** 0.5)
-            raise OutOfMemoryEstimateError(
-                f"the decomposed pass needs about {need / 2**30:.1f} GiB but the limit on {self.device} is {limit / 2**30:.1f} GiB: "
-                f"about {fits} positions (token components) would fit; shorten the prompt, group tokens "
-                "(fxdepass.tokens(groups=...)), read fewer positions or a target instead of targets='all', or raise memory_limit"
-            )
-        return need
+    def _plan(self, module: torch.fx.GraphModule, captured: CapturedModel, seed: Seed, ids: torch.Tensor, *,
+              last_position_read: bool = False, target_rows: int = 0) -> PassPlan:
+        """The plan of one pass with this model's options (:func:`fxdepass.planning.plan_pass`)."""
+        return plan_pass(module, captured, ids, seed, causal=lambda: self.causal, causal_blocks=self.causal_blocks,
+                         compiled=self.torch_compile, last_position_read=last_position_read, target_rows=target_rows)
 
     def _linear_head(self, captured: CapturedModel) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) when the logits are a plain linear map of the ``"hidden"`` readout, else ``None``."""
@@ -657,22 +576,6 @@ class DecomposedModel:
             return None
         # detached: the target rows are computed outside the pass's no_grad, and need no autograd graph
         return tensors[weight.name].detach(), None if bias is None else tensors[bias.name].detach()
-
-    def _position_wise(self, captured: CapturedModel, module: torch.fx.GraphModule) -> bool:
-        """Whether no component op of ``module`` reduces or gathers over positions (MoE routing does),
-        so that its components can be computed for a subset of positions (cached on the module)."""
-        if "position_wise" not in module.meta:
-            module.meta["position_wise"] = supports_blocks(module, captured.sequence_length.node.expr,
-                                                           captured.batch_symbol)
-        return module.meta["position_wise"]
-
-    def _blocked(self, captured: CapturedModel, module: torch.fx.GraphModule, seed: Seed, ids: torch.Tensor) -> bool:
-        """Whether to run with causal blocks (Note [Causal blocks] in fxdepass/blocked.py)."""
-        if (self.causal_blocks < 2 or ids.shape[0] != 1 or ids.shape[1] < BLOCK_POSITIONS
-                or not isinstance(seed, Tokens) or seed.groups is not None
-                or not isinstance(captured.sequence_length, torch.SymInt)):
-            return False
-        return self.causal and self._position_wise(captured, module)
 
     def _numbers_positions_from_zero(self) -> bool:
         """Whether the model, given no ``position_ids``, numbers positions 0…n−1 as fxdepass feeds them.
@@ -826,62 +729,6 @@ def compile(
     return decomposed
 
 
-@dataclasses.dataclass(frozen=True)
-class PassPlan:
-    """How one decomposed pass runs, as far as its memory depends on it (``DecomposedModel.estimate_memory``):
-    in causal ``blocked`` blocks, MLPs in neuron slices (``sliced``), routed sections in chunks (``routed``),
-    everything after the last attention at the last position only, and ``target_rows`` values of the
-    logits read for the targets (prompts × read positions × vocabulary; 0 when the logits are the output)."""
-
-    blocked: bool = False
-    sliced: bool = False
-    routed: bool = False
-    last_position_only: bool = False
-    target_rows: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _ValueSizes:
-    """Element counts, in the graph's size symbols, with the node each belongs to: of the components values
-    that exist in full inside the pass, of the real values, of the outputs' components and of the real outputs."""
-
-    components: list[tuple[torch.fx.Node, sympy.Expr]]
-    real: list[tuple[torch.fx.Node, sympy.Expr]]
-    outputs: list[tuple[torch.fx.Node, sympy.Expr]]
-    real_outputs: list[tuple[torch.fx.Node, sympy.Expr]]
-    #: per routed attention (Note [Attention routing credit]): batch × queries × keys, and the heads
-    routing: list[tuple[torch.fx.Node, sympy.Expr, int]]
-
-
-def _value_sizes(module: torch.fx.GraphModule, sliced: bool, routed: bool) -> _ValueSizes:
-    """The sizes ``estimate_memory`` weighs, found once per module and runner (distinct per node kind)."""
-    key = ("value_sizes", sliced, routed)
-    if key not in module.meta:
-        chunked = {m for r in neuron_regions(module).values() for m in r.members[:-1]} if sliced else set()
-        if routed:
-            chunked |= {m for r in routed_regions(module).values() for m in r.members if m is not r.total}
-        returned = set(module.graph.output_node().all_input_nodes)
-        components, real, outputs, real_outputs, routing = {}, {}, [], [], []
-        for node in module.graph.nodes:
-            if node.target is routed_attention:
-                queries, keys = shape_of(node.args[0]), shape_of(node.args[1])
-                routing.append((node, _numel(queries[:-3]) * queries[-2] * keys[-2], int(queries[-3])))
-            value = node.meta.get("fxdepass_real")
-            if value is None and node in returned:
-                real_outputs.append((node, _numel(shape_of(node))))
-            elif value is None:
-                real.setdefault(_numel(shape_of(node)), node)
-            elif node in returned:
-                outputs.append((node, _numel(shape_of(value))))
-            elif node not in chunked:
-                columns = node.meta.get("fxdepass_columns")  # narrowed projections (Note [Fused projections])
-                share = sympy.Rational(columns, last_axis(value)) if columns is not None else 1
-                components.setdefault(_numel(shape_of(value)) * share, node)
-        module.meta[key] = _ValueSizes([(n, s) for s, n in components.items()], [(n, s) for s, n in real.items()], outputs,
-                                       real_outputs, routing)
-    return module.meta[key]
-
-
 def _checked_temperature(temperature: Any, dtype: torch.dtype) -> float:
     """``temperature`` as a float, if the softmax allocation can use it in ``dtype``: both its forms scale by
     ``1/temperature`` (rules/activations.py, fxdepass/blocked.py), which must be a normal number of the dtype.
@@ -926,38 +773,6 @@ def _rebind(module: torch.fx.GraphModule, path: str, tensor: torch.Tensor) -> No
         owner.register_parameter(field, tensor)
     else:
         owner.register_buffer(field, tensor)
-
-
-def _numel(shape: list[sympy.Expr] | None) -> sympy.Expr:
-    """The number of elements of a value of this shape (0 for a value that is not a tensor)."""
-    return sympy.Mul(*shape) if shape is not None else sympy.Integer(0)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that tensors on ``device`` can still take: on a CUDA device, what the driver reports free plus what
-    torch's caching allocator holds unused (it hands that out first); on the CPU, ``MemAvailable`` (16 GiB where
-    that cannot be read); ``None`` where it cannot be known (``meta``, a backend without ``mem_get_info``), and
-    the memory guard then checks only an explicit ``memory_limit``.
-
-    >>> available_memory(torch.device("meta")) is None
-    True
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 16 * 2**30
-    if device.type == "cuda":  # also ROCm's devices
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    backend = getattr(torch, device.type, None)  # xpu and others with the same interface
-    info = getattr(backend, "mem_get_info", None)
-    return int(info(device)[0]) if callable(info) else None
 
 
 def _check_model(model: Any) -> None:

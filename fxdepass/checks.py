@@ -19,7 +19,7 @@ import torch
 
 from .errors import FxDePassError, InvalidInputError
 
-__all__ = ["integer", "integers", "index_groups", "has_data", "real"]
+__all__ = ["integer", "integers", "index_groups", "has_data", "real", "relative_error"]
 
 
 def integer(value: Any, what: str, error: type[FxDePassError] = InvalidInputError) -> int:
@@ -112,3 +112,14 @@ def real(value: Any, what: str, error: type[FxDePassError] = InvalidInputError) 
     except (TypeError, ValueError, RuntimeError, OverflowError):
         raise error(f"{what} must be a real number, got {value!r} ({type(value).__name__})") from None
     return number
+
+
+def relative_error(total: torch.Tensor, components: torch.Tensor, axis: int) -> float:
+    """Max error of the sum of ``components`` over ``axis`` against ``total``, relative to ``total``'s largest entry.
+
+    >>> relative_error(torch.tensor([2.0]), torch.tensor([[1.0], [1.5]]), 0)
+    0.25
+    """
+    error = (components.sum(axis) - total).abs().max()
+    scale = total.abs().max().clamp_min(torch.finfo(total.dtype).tiny)
+    return float(error / scale)

@@ -39,7 +39,6 @@ from .lens import layer_lens
 from .locations import Locations
 from .readouts import readout_nodes
 from .registry import projection_args
-from .rewrite import build_module
 from .seeds import Heads, Modules, Neurons, Seed, SeedPoint, Tokens, split_features, split_groups, tokens
 
 __all__ = ["Target", "logit_target", "embedding_target", "resolve_target", "build_graph", "attribution_seconds",
@@ -322,20 +321,6 @@ def _stage_shares(stage: _Stage, where: Locations, real: torch.Tensor, parts: to
         dots = torch.einsum("kbnhf,bnhf->kbhn", parts.unflatten(-1, (heads, -1)), back).flatten(2, 3)
         norm = (out * out).sum(-1).flatten(1, 2)
     return dots / torch.where(norm > 0, norm, torch.ones_like(norm)), norm.sqrt()
-
-
-def _decompose(decomposed: DecomposedModel, ids: torch.Tensor, where: Locations, seed: Seed,
-               nodes: list[torch.fx.Node]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(real value, components) of any graph ``nodes`` for one pass of ``seed``.
-
-    Readout names cannot address a head's output (the input of the output projection belongs to no
-    module), so this generates the module directly rather than through ``DecomposedModel.attribute``.
-    """
-    inputs = decomposed.prompt_inputs(ids)
-    prefix = getattr(decomposed.model, "base_model_prefix", "")
-    module = build_module(where.captured, seed, seed.points(where), nodes, decomposed.policy, prefix)
-    with torch.no_grad():
-        return list(module(*[inputs[name] for name in where.captured.inputs]))
 
 
 # -- pruning ----------------------------------------------------------------------------------------------
@@ -692,7 +677,7 @@ def seed_activations(decomposed: DecomposedModel, input_ids: Any, seed: Seed) ->
     points = seed.points(where)
     length = ids.shape[1]
     squares = 0.0
-    for _, parts in _decompose(decomposed, ids, where, seed, [p.node for p in points]):
+    for _, parts in decomposed.decompose_nodes(ids, seed, [p.node for p in points]):
         squares = squares + parts[:-1].reshape(len(parts) - 1, length, -1).square().sum(-1)   # [M, N]
     positions = [_seed_component(seed, index, length - 1)[1] for index in range(len(squares))]
     return squares[torch.arange(len(squares), device=squares.device), torch.tensor(positions, device=squares.device)].sqrt()

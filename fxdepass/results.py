@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import integer
+from .checks import integer, relative_error
 from .errors import InvalidInputError, InvalidReadoutError, require
 from .markup import _STYLE, _chip, _e
 from .plots import plot
@@ -191,9 +191,7 @@ class Attribution:
 
     def reconstruction_error(self) -> float:
         """Max relative error of the sum of components against the real value (same precision policy)."""
-        error = (self.components.sum(self.component_axis) - self.total).abs().max()
-        scale = self.total.abs().max().clamp_min(torch.finfo(self.total.dtype).tiny)
-        return float(error / scale)
+        return relative_error(self.total, self.components, self.component_axis)
 
     def top(self, k: int = 10, target: Any = None, position: int = -1) -> list[tuple[str, float]]:
         """The ``k`` components with the largest absolute ``scores`` (first prompt), with their labels."""

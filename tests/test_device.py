@@ -22,9 +22,10 @@ from torch.overrides import TorchFunctionMode
 import families
 import fxdepass
 from conftest import load_tool, relative_error
-from fxdepass.api import DecomposedModel, available_memory
+from fxdepass.api import DecomposedModel
 from fxdepass.blocked import BlockedInterpreter
 from fxdepass.errors import OutOfMemoryEstimateError
+from fxdepass.planning import available_memory
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -143,7 +144,7 @@ def test_last_position_and_causal_blocks_on_the_device(device) -> None:
     ids = prompt(40, device, seed=5)
     captured = next(iter(decomposed._captures.values()))
     module = decomposed._module(captured, fxdepass.tokens(), ("logits",))[0]
-    assert decomposed._blocked(captured, module, fxdepass.tokens(), ids)
+    assert decomposed._plan(module, captured, fxdepass.tokens(), ids).blocked
     last = decomposed.attribute(ids, targets=fxdepass.diff(3, 5))
     every = decomposed.attribute(ids, positions="all", targets="all")
     on(device, last)
@@ -158,7 +159,7 @@ def test_memory_guard_asks_the_model_device(device, monkeypatch) -> None:
         asked.append(where)
         return 1000
 
-    monkeypatch.setattr(fxdepass.api, "available_memory", tiny)
+    monkeypatch.setattr(fxdepass.planning, "available_memory", tiny)
     with pytest.raises(OutOfMemoryEstimateError, match=f"the limit on {device.type}"):
         decomposed.attribute(prompt(9, device))
     assert [d.type for d in asked] == [device.type]
@@ -267,7 +268,7 @@ def test_reduced_precision_models(device, dtype) -> None:
     target = fxdepass.diff(3, 5)
     exact = fxdepass.compile(reference).attribute(ids, targets=target).scores()
     own = fxdepass.compile(model).attribute(ids, targets=target)
-    assert own.components.dtype == dtype and own.reconstruction_error() <= fxdepass.api.TOLERANCE[dtype]
+    assert own.components.dtype == dtype and own.reconstruction_error() <= fxdepass.planning.TOLERANCE[dtype]
     wider = fxdepass.compile(model, dtype=torch.float32).attribute(ids, targets=target)
     assert wider.components.dtype == torch.float32 and wider.reconstruction_error() <= 1e-4
     # Every weight and every value is rounded to the dtype's precision (eps: bf16 2⁻⁷, fp16 2⁻¹⁰), about ten
@@ -288,7 +289,7 @@ def test_bf16_smollm2_against_its_float32_scores(smollm2, smollm2_float64) -> No
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     exact = smollm2_float64.attribute(ids, targets=" Berlin")
     bf16 = fxdepass.compile(low, tokenizer=tokenizer).attribute(ids, targets=" Berlin")
-    assert bf16.components.dtype == torch.bfloat16 and bf16.reconstruction_error() <= fxdepass.api.TOLERANCE[torch.bfloat16]
+    assert bf16.components.dtype == torch.bfloat16 and bf16.reconstruction_error() <= fxdepass.planning.TOLERANCE[torch.bfloat16]
     error = relative_error(bf16.scores().double(), exact.scores().double())
     with torch.no_grad():
         deviation = relative_error(low(ids).logits[0, -1].double(), model(ids).logits[0, -1].double())
@@ -323,7 +324,7 @@ def test_cli_device_and_dtype(device, dtype: str, tmp_path: Path, capsys) -> Non
     out = capsys.readouterr().out
     assert code == 0, out
     error = float(out.rsplit("reconstruction error", 1)[1])
-    assert error <= fxdepass.api.TOLERANCE[getattr(torch, dtype)]
+    assert error <= fxdepass.planning.TOLERANCE[getattr(torch, dtype)]
 
 
 def test_cli_refuses_a_device_it_does_not_have(capsys) -> None:

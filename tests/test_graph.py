@@ -302,7 +302,7 @@ def test_the_memory_guard_sees_every_pass_and_refused_batches_split(llama, graph
     scale = max(abs(w) for _, _, w in full.edges(data="weight"))
     assert max(abs(w - full.edges[e]["weight"]) for e, w in _weights(alone).items()) <= 1e-12 * scale
     monkeypatch.setattr(type(decomposed), "attribute", attribute)
-    monkeypatch.setattr(fxdepass.api, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(fxdepass.planning, "available_memory", lambda device: 1024)
     with pytest.raises(fxdepass.OutOfMemoryEstimateError):
         build_graph(decomposed, IDS)
 

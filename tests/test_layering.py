@@ -28,7 +28,7 @@ INSPECTION_LIBRARIES = ("networkx", "matplotlib", "pandas", "captum")
 INSPECTION = {"fxdepass.graph", "fxdepass.export", "fxdepass.report", "fxdepass.drawing", "fxdepass.evaluate",
               "fxdepass.cli"}
 #: the runner and the user API: rules/ must not import them (a rule is a fact about an op, not about a run)
-RUNNER = {"fxdepass.api", "fxdepass.blocked", "fxdepass.routed", "fxdepass.diagnose", "fxdepass.rewrite"}
+RUNNER = {"fxdepass.api", "fxdepass.planning", "fxdepass.blocked", "fxdepass.routed", "fxdepass.diagnose", "fxdepass.rewrite"}
 
 
 def _loaded_after(code: str) -> list[str]:

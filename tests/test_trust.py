@@ -121,7 +121,7 @@ def test_extreme_temperatures_stay_finite_and_exact(dtype: torch.dtype, temperat
     decomposed = fxdepass.compile(MODEL, temperature=temperature, dtype=dtype)
     sliced = decomposed.attribute(IDS, positions="all", targets="all")
     dense = decomposed.attribute(IDS.repeat(2, 1), positions="all", targets="all")
-    assert sliced.reconstruction_error() <= fxdepass.api.TOLERANCE[dtype]
+    assert sliced.reconstruction_error() <= fxdepass.planning.TOLERANCE[dtype]
     assert relative_error(sliced.components[:, 0], dense.components[:, 0]) <= (1e-9 if dtype == torch.float64 else 1e-4)
 
 

@@ -183,7 +183,7 @@ def bf16(model: torch.nn.Module, exact: fxdepass.DecomposedModel, device: torch.
     return row("bfloat16 vs float32 scores", "toy llama" if smoke else "SmolLM2-135M", torch.bfloat16, ids.shape[1],
                f"score error {error:.1e} (forward {deviation:.1e}), sum error {low.reconstruction_error():.1e}",
                f"score ≤ {BF16_FACTOR}× forward", error <= BF16_FACTOR * deviation
-               and low.reconstruction_error() <= fxdepass.api.TOLERANCE[torch.bfloat16])
+               and low.reconstruction_error() <= fxdepass.planning.TOLERANCE[torch.bfloat16])
 
 
 def compiled(model: torch.nn.Module, tokenizer: Any) -> tuple[fxdepass.DecomposedModel, float]:
@@ -210,8 +210,8 @@ def performance(model: torch.nn.Module, decomposed: fxdepass.DecomposedModel, co
     error, estimate = last[0].reconstruction_error(), last[0].memory_estimate
     last.clear()
     forward, forward_peak, scaled = batched_forward(model, ids, device, repeats)
-    return row(f"tokens N={n}", name, dtype, n, f"sum error {error:.1e}", f"≤ {fxdepass.api.TOLERANCE[dtype]:.0e}",
-               error <= fxdepass.api.TOLERANCE[dtype], compile_s=compiled, attribute_s=seconds,
+    return row(f"tokens N={n}", name, dtype, n, f"sum error {error:.1e}", f"≤ {fxdepass.planning.TOLERANCE[dtype]:.0e}",
+               error <= fxdepass.planning.TOLERANCE[dtype], compile_s=compiled, attribute_s=seconds,
                forward_s=forward, scaled=scaled, attribute_mb=attributed / 2**20, forward_mb=forward_peak / 2**20,
                estimate_mb=(estimate + weights) / 2**20)
 
