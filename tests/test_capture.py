@@ -13,11 +13,11 @@ from fxdepass.errors import CaptureError
 def test_static_fallback_caches_one_capture_per_shape(monkeypatch) -> None:
     calls = []
 
-    def refuse_dynamic(model, example, *, dynamic=True):
+    def refuse_dynamic(model, example, *, dynamic=True, **options):
         calls.append(dynamic)
         if dynamic:
             raise CaptureError("pretend the model specialises its sequence length")
-        return real_capture(model, example, dynamic=False)
+        return real_capture(model, example, dynamic=False, **options)
 
     monkeypatch.setattr(api, "capture", refuse_dynamic)
     decomposed = fxdepass.compile(families.build("llama"), dtype=torch.float64)
