@@ -198,13 +198,14 @@ class DecomposedModel:
         """The generated module for ``seed`` and ``readouts``, and how many outputs each readout has."""
         key = (id(captured), seed, readouts)
         if key not in self._modules:
-            where = self.locations_of(captured)
-            points = seed.points(where)
-            groups = [readout_nodes(r, where) for r in readouts]
-            prefix = getattr(self.model, "base_model_prefix", "")
-            module = build_module(captured, seed, points, [n for g in groups for n in g], self.policy, prefix)
-            self._modules[key] = (module, [len(g) for g in groups])
+            groups = [readout_nodes(r, self.locations_of(captured)) for r in readouts]
+            self._modules[key] = (self._build(captured, seed, [n for g in groups for n in g]), [len(g) for g in groups])
         return self._modules[key]
+
+    def _build(self, captured: CapturedModel, seed: Seed, nodes: list[torch.fx.Node]) -> torch.fx.GraphModule:
+        """The generated module computing the components of ``nodes`` (of ``captured``'s graph) for ``seed``."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return build_module(captured, seed, seed.points(self.locations_of(captured)), nodes, self.policy, prefix)
 
     @property
     def default_readout(self) -> str:
@@ -406,7 +407,7 @@ class DecomposedModel:
                           and all(r == last for r in reads.values()), target_rows=target_rows)
         arguments = [inputs[name] for name in captured.inputs]
         labels = self._labels(seed, ids, captured)
-        count = len(labels) if labels else ids.shape[1] + 1
+        count = _component_count(labels, ids)
         shard = shards.shard_for(distributed, gather, causal=plan.blocked, attention=self.policy.attention,
                                  compiled=self.torch_compile)
         if shard is not None:
@@ -469,13 +470,11 @@ class DecomposedModel:
         nodes = tuple(nodes)
         key = (id(captured), seed, nodes)
         if key not in self._modules:
-            prefix = getattr(self.model, "base_model_prefix", "")
-            module = build_module(captured, seed, seed.points(self.locations_of(captured)), list(nodes), self.policy, prefix)
-            self._modules[key] = (module, [len(nodes)])
+            self._modules[key] = (self._build(captured, seed, list(nodes)), [len(nodes)])
         module = self._modules[key][0]
         plan = self._plan(module, captured, seed, ids)
         arguments = [inputs[name] for name in captured.inputs]
-        guard(self.estimate_memory(module, captured, ids, self._component_count(seed, ids, captured), plan),
+        guard(self.estimate_memory(module, captured, ids, _component_count(self._labels(seed, ids, captured), ids), plan),
               _memory_limit(memory_limit), self.device, ids.shape[1])
         outputs = [tuple(pair) for pair in plan.run(module, arguments)]
         check_sums({node.name: (real, parts, 0) for node, (real, parts) in zip(nodes, outputs)}, module, arguments, plan,
@@ -487,11 +486,6 @@ class DecomposedModel:
         if isinstance(seed, Custom) and not seed.names:
             return None
         return seed.labels(ids, self.locations_of(captured), self.tokenizer)
-
-    def _component_count(self, seed: Seed, ids: torch.Tensor, captured: CapturedModel) -> int:
-        """How many components a pass of ``seed`` over ``ids`` has, rest included (a guess for unnamed custom seeds)."""
-        labels = self._labels(seed, ids, captured)
-        return len(labels) if labels else ids.shape[1] + 1
 
     def _read_positions(self, positions: Any, readout: str, length: int) -> list[int] | None:
         """The positions ``readout`` is read at (``None``: all): ``positions`` is ``None`` (the last for logits,
@@ -727,6 +721,12 @@ def compile(
     )
     decomposed.graph_module  # build now, so that a missing rule fails at compile time
     return decomposed
+
+
+def _component_count(labels: list[str] | None, ids: torch.Tensor) -> int:
+    """How many components a pass with these ``labels`` has, rest included (``None``, an unnamed custom seed: one
+    per position and rest, a guess for the memory estimate)."""
+    return len(labels) if labels else ids.shape[1] + 1
 
 
 def _checked_temperature(temperature: Any, dtype: torch.dtype) -> float:

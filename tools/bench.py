@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -263,8 +264,6 @@ def compile_seconds(family: str) -> dict:
 def run_compile_times(family: str = "smollm2", cached: int = 2) -> list[dict]:
     """Compile times of ``family`` in fresh processes sharing an empty capture cache (fxdepass/cache.py): the first
     process compiles cold (torch.export), the next ``cached`` reuse what it kept."""
-    import tempfile
-
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "FXDEPASS_NO_CACHE": "0", "FXDEPASS_CACHE": cache}  # "0": the cache on (fxdepass/cache.py)
