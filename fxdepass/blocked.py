@@ -99,11 +99,13 @@ from .narrowing import (VIEWS, Projection, component_inputs, component_op, last_
 from .routed import CHUNK_SHARE, RoutedRegion, routed_regions
 from .seeds import split_groups
 
-__all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "routes_in_chunks", "supports_blocks", "block_starts"]
+__all__ = ["Blocks", "BlockedInterpreter", "NeuronRegion", "neuron_regions", "routes_in_chunks", "supports_blocks", "block_starts",
+           "slice_columns"]
 
 aten = torch.ops.aten
-#: a neuron slice's width relative to the projection out's (the residual stream's): wider slices cost
-#: memory, narrower ones re-read the input and re-write the output once more per slice
+#: a neuron slice's width relative to the projection out's (the residual stream's) unless the plan says
+#: otherwise (``fxdepass.planning``): wider slices cost memory, narrower ones re-read the input and
+#: re-write the output once more per slice
 SLICE_WIDTH = 0.5
 #: largest error, in the exponent, of the softmax allocation's one-pass ``z/T − max/T`` (Note [Allocation without masks])
 ROUNDED_EXPONENT = 1e-3
@@ -193,6 +195,17 @@ def _region(down: Projection) -> NeuronRegion | None:
     if len(down.node.users) == 1 and _overwritten(next(iter(down.node.users))) is down.node:
         in_place.add(next(iter(down.node.users)))  # the region's output is its own too (experts' routing weights)
     return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
+
+
+def slice_columns(region: NeuronRegion, out_width: int, slice_width: float) -> int:
+    """Neurons per slice of ``region`` for slices about ``slice_width`` times the projection out's width
+    ``out_width``, made equal so that none is left over (the last may be shorter by less than one per slice).
+
+    >>> slice_columns(NeuronRegion([], 1536, {}, None), 576, 0.5)
+    256
+    """
+    chunk = max(1, int(out_width * slice_width))
+    return -(-region.width // -(-region.width // chunk))
 
 
 def _same_rows(a: torch.fx.Node, b: torch.fx.Node) -> bool:
@@ -323,15 +336,16 @@ class BlockedInterpreter(torch.fx.Interpreter):
     """Run a generated module with token components in causal blocks; see Note [Causal blocks].
 
     ``last_position_only`` also restricts everything after the last attention (position-wise: output
-    projection, MLP, norms, head) to the last position, for readouts read only there.
+    projection, MLP, norms, head) to the last position, for readouts read only there.  ``slice_width``:
+    each neuron slice's width relative to its projection out's (Note [Neuron chunks]).
 
     >>> real, components = BlockedInterpreter(module, sequence_symbol, batch_symbol, blocks=8).run(*inputs)[0]  # doctest: +SKIP
     """
 
     def __init__(self, module: torch.fx.GraphModule, symbol: sympy.Symbol, batch: sympy.Symbol | None,
-                 blocks: int = 8, last_position_only: bool = False):
+                 blocks: int = 8, last_position_only: bool = False, slice_width: float = SLICE_WIDTH):
         super().__init__(module)
-        self.symbol, self.batch, self.blocks = symbol, batch, blocks
+        self.symbol, self.batch, self.blocks, self.slice_width = symbol, batch, blocks, slice_width
         self._axes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self._sizes: dict[torch.fx.Node, Any] = {}
         self.tail = position_wise_tail(module, symbol, batch) if last_position_only else set()
@@ -541,8 +555,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _run_region(self, region: NeuronRegion) -> Any:
         """The region's projection out, summed over neuron slices (Note [Neuron chunks])."""
         down = region.members[-1]
-        chunk = max(1, int(last_axis(down) * SLICE_WIDTH))
-        chunk = -(-region.width // -(-region.width // chunk))  # equal slices, none left over
+        chunk = slice_columns(region, last_axis(down), self.slice_width)
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
         total = self._residual_for(down)
         first = total is not None

@@ -27,7 +27,7 @@ import sympy
 import torch
 import torch.fx
 
-from .blocked import BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
+from .blocked import SLICE_WIDTH, BlockedInterpreter, neuron_regions, position_wise_tail, routes_in_chunks, supports_blocks
 from .capture import CapturedModel
 from .checks import relative_error
 from .diagnose import diagnose
@@ -48,14 +48,21 @@ BLOCK_POSITIONS = 16
 #: but at least this many blocks: fewer leave short prompts above 2.5 residual streams of memory
 #: (llama medium, N = 16: 2.64 with two blocks, 2.44 with three, for 2% more time)
 MIN_BLOCKS = 3
+#: neuron slices' width relative to the projection out's in causal blocks (Note [Neuron chunks] in fxdepass/blocked.py;
+#: one block holds every component at every position and keeps ``blocked.SLICE_WIDTH``).  Blocks hold about
+#: (k + 1) / 2k of the components, so wider slices, fewer re-reads of the input, still fit the memory target
+#: (allocator peak ≤ 2.5·(M+1)·N·d values + the plain forward's own + the weights).  ``python tools/slice_width.py``
+#: measures both on SmolLM2; its numbers are in docs/performance.md (Slice width).
+BLOCKED_SLICE_WIDTH = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class PassPlan:
     """How one decomposed pass runs: in ``blocks`` causal blocks (``blocked``), MLPs in neuron slices
-    (``sliced``), routed sections in chunks (``routed``), everything after the last attention at the last
-    position only, and ``target_rows`` values of the logits read for the targets afterwards (prompts × read
-    positions × vocabulary; 0 when the logits are the output).  ``symbol`` and ``batch`` are the capture's
+    (``sliced``) ``slice_width`` times as wide as their projection out's, routed sections in chunks
+    (``routed``), everything after the last attention at the last position only, and ``target_rows``
+    values of the logits read for the targets afterwards (prompts × read positions × vocabulary; 0 when
+    the logits are the output).  ``symbol`` and ``batch`` are the capture's
     size symbols the blocked runner narrows; ``compiled`` runs the dense module through ``torch.compile``.
 
     >>> PassPlan().interpreted
@@ -71,6 +78,7 @@ class PassPlan:
     symbol: sympy.Symbol | None = None
     batch: sympy.Symbol | None = None
     compiled: bool = False
+    slice_width: float = SLICE_WIDTH
 
     @property
     def interpreted(self) -> bool:
@@ -80,7 +88,8 @@ class PassPlan:
     @property
     def runner_options(self) -> dict[str, Any]:
         """The options of the :class:`~fxdepass.blocked.BlockedInterpreter` this plan runs in."""
-        return dict(symbol=self.symbol, batch=self.batch, blocks=self.blocks, last_position_only=self.last_position_only)
+        return dict(symbol=self.symbol, batch=self.batch, blocks=self.blocks, last_position_only=self.last_position_only,
+                    slice_width=self.slice_width)
 
     def run(self, module: torch.fx.GraphModule, arguments: list[torch.Tensor]) -> Any:
         """The outputs of ``module`` on ``arguments``, run as planned (without autograd)."""
@@ -134,7 +143,7 @@ def plan_pass(module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.
     routed = (blocked or restrict or sliced) and routes_in_chunks(blocks, restrict)  # as the runner will
     symbols = dict(symbol=captured.sequence_length.node.expr, batch=captured.batch_symbol) if dynamic else {}
     return PassPlan(blocked=blocked, sliced=sliced, routed=routed, last_position_only=restrict, target_rows=target_rows,
-                    blocks=blocks, compiled=compiled, **symbols)
+                    blocks=blocks, compiled=compiled, slice_width=BLOCKED_SLICE_WIDTH if blocked else SLICE_WIDTH, **symbols)
 
 
 def estimate_memory(module: torch.fx.GraphModule, captured: CapturedModel, ids: torch.Tensor, components: int,

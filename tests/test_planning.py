@@ -11,6 +11,7 @@ import families
 import fxdepass
 from conftest import relative_error
 from fxdepass.errors import OutOfMemoryEstimateError
+from fxdepass import blocked, planning
 from fxdepass.planning import PassPlan, plan_pass
 
 IDS = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
@@ -33,6 +34,10 @@ def test_a_long_prompt_is_planned_in_blocks_and_slices(llama) -> None:
     # 40 positions: 40 // 16 = 2 blocks, raised to MIN_BLOCKS = 3; both MLPs in neuron slices
     assert (plan.blocked, plan.blocks, plan.sliced, plan.last_position_only) == (True, 3, True, True)
     assert plan.interpreted and not plan.routed
+    assert plan.slice_width == planning.BLOCKED_SLICE_WIDTH  # blocks leave room for wider slices
+    # one block (a seed other than tokens): every component at every position, the narrow slices
+    heads = llama._plan(module, captured, fxdepass.heads(1), IDS, last_position_read=True)
+    assert (heads.blocked, heads.sliced, heads.slice_width) == (False, True, blocked.SLICE_WIDTH)
     # a batch of two prompts: no blocks, slices or tail, the dense module runs
     two = plan_pass(module, captured, IDS.repeat(2, 1), fxdepass.tokens(), causal=lambda: True, causal_blocks=8,
                     last_position_read=True)
@@ -86,3 +91,17 @@ def test_seed_activations_go_through_the_memory_guard(llama, monkeypatch) -> Non
     monkeypatch.setattr(fxdepass.planning, "available_memory", lambda device: 1024)
     with pytest.raises(OutOfMemoryEstimateError):
         seed_activations(llama, IDS, fxdepass.heads(1))
+
+
+def test_blocks_in_narrow_neuron_slices_equal_the_dense_module(llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small models' hidden layers fit one slice of the blocked width, so this runs the blocked pass in
+    three slices per MLP: the slice loop over blocks gives the dense module's components (float64)."""
+    dense = llama.attribute(IDS.repeat(2, 1), positions="all", targets="all").components[:, :1]
+    monkeypatch.setattr(planning, "BLOCKED_SLICE_WIDTH", 0.5)
+    captured = next(iter(llama._captures.values()))
+    module = llama._module(captured, fxdepass.tokens(), ("logits",))[0]
+    plan = llama._plan(module, captured, fxdepass.tokens(), IDS)
+    region = next(iter(blocked.neuron_regions(module).values()))
+    assert plan.blocked and region.width // blocked.slice_columns(region, 32, plan.slice_width) == 3
+    got = llama.attribute(IDS, positions="all", targets="all")
+    assert relative_error(got.components, dense) <= 1e-12
