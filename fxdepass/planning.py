@@ -51,8 +51,8 @@ MIN_BLOCKS = 3
 #: neuron slices' width relative to the projection out's in causal blocks (Note [Neuron chunks] in fxdepass/blocked.py;
 #: one block holds every component at every position and keeps ``blocked.SLICE_WIDTH``).  Blocks hold about
 #: (k + 1) / 2k of the components, so wider slices, fewer re-reads of the input, still fit the memory target
-#: (allocator peak ≤ 2.5·(M+1)·N·d values + the plain forward's own + the weights).  ``python tools/slice_width.py``
-#: measures both on SmolLM2; its numbers are in docs/performance.md (Slice width).
+#: (allocator peak ≤ 2.5·(M+1)·N·d values + the plain forward's own + the weights).  ``python tools/bench.py
+#: --only slices`` measures time and peak per width on SmolLM2 (the Slice width section of docs/performance.md).
 BLOCKED_SLICE_WIDTH = 2.0
 
 
