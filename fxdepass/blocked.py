@@ -197,15 +197,16 @@ def _region(down: Projection) -> NeuronRegion | None:
     return NeuronRegion(sorted(members, key=order.get), width, sliced, down.bias, frees, in_place)
 
 
-def slice_columns(region: NeuronRegion, out_width: int, slice_width: float) -> int:
-    """Neurons per slice of ``region`` for slices about ``slice_width`` times the projection out's width
-    ``out_width``, made equal so that none is left over (the last may be shorter by less than one per slice).
+def slice_columns(width: int, out_width: int, slice_width: float) -> int:
+    """Neurons per slice of a hidden layer ``width`` neurons wide, for slices about ``slice_width`` times its
+    projection out's width ``out_width``, made equal so that none is left over (the last may be shorter by
+    less than one per slice).
 
-    >>> slice_columns(NeuronRegion([], 1536, {}, None), 576, 0.5)
+    >>> slice_columns(1536, 576, 0.5)
     256
     """
     chunk = max(1, int(out_width * slice_width))
-    return -(-region.width // -(-region.width // chunk))
+    return -(-width // -(-width // chunk))
 
 
 def _same_rows(a: torch.fx.Node, b: torch.fx.Node) -> bool:
@@ -555,7 +556,7 @@ class BlockedInterpreter(torch.fx.Interpreter):
     def _run_region(self, region: NeuronRegion) -> Any:
         """The region's projection out, summed over neuron slices (Note [Neuron chunks])."""
         down = region.members[-1]
-        chunk = slice_columns(region, last_axis(down), self.slice_width)
+        chunk = slice_columns(region.width, last_axis(down), self.slice_width)
         saved = {n: self.env[n] for n in [*region.sliced, *([region.bias] if region.bias is not None else [])]}
         total = self._residual_for(down)
         first = total is not None

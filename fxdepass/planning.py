@@ -62,8 +62,8 @@ class PassPlan:
     (``sliced``) ``slice_width`` times as wide as their projection out's, routed sections in chunks
     (``routed``), everything after the last attention at the last position only, and ``target_rows``
     values of the logits read for the targets afterwards (prompts × read positions × vocabulary; 0 when
-    the logits are the output).  ``symbol`` and ``batch`` are the capture's
-    size symbols the blocked runner narrows; ``compiled`` runs the dense module through ``torch.compile``.
+    the logits are the output).  ``symbol`` and ``batch`` are the capture's size symbols the blocked runner
+    narrows; ``compiled`` runs the dense module through ``torch.compile``.
 
     >>> PassPlan().interpreted
     False

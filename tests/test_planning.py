@@ -10,8 +10,8 @@ import torch
 import families
 import fxdepass
 from conftest import relative_error
-from fxdepass.errors import OutOfMemoryEstimateError
 from fxdepass import blocked, planning
+from fxdepass.errors import OutOfMemoryEstimateError
 from fxdepass.planning import PassPlan, plan_pass
 
 IDS = torch.randint(0, families.VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
@@ -102,6 +102,6 @@ def test_blocks_in_narrow_neuron_slices_equal_the_dense_module(llama, monkeypatc
     module = llama._module(captured, fxdepass.tokens(), ("logits",))[0]
     plan = llama._plan(module, captured, fxdepass.tokens(), IDS)
     region = next(iter(blocked.neuron_regions(module).values()))
-    assert plan.blocked and region.width // blocked.slice_columns(region, 32, plan.slice_width) == 3
+    assert plan.blocked and region.width // blocked.slice_columns(region.width, 32, plan.slice_width) == 3
     got = llama.attribute(IDS, positions="all", targets="all")
     assert relative_error(got.components, dense) <= 1e-12

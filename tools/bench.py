@@ -523,13 +523,15 @@ def report(rows: list[dict], failures: list[str], wall: float, variants: list[di
                   f"| cold | {statistics.median(cold):.1f} |",
                   f"| cached (median of {len(cached)}) | {statistics.median(cached):.1f} |"]
     if slices:
+        from fxdepass.blocked import slice_columns  # the runner's own count of a slice's neurons
+
         real = SIZES["real"]
         lines += ["", "Slice width: SmolLM2, token seed, last position, target row, causal blocks, MLPs in neuron slices of "
                   "*width* × the projection out's width (576), the widths alternating in one process "
                   "(`python tools/bench.py --only slices`); *chosen* is `fxdepass.planning.BLOCKED_SLICE_WIDTH`. "
                   "*attribute s* the median of 3; *allocator MB* and *budget MB* as in the rows above.", "",
                   "| N | width | slices | attribute s | allocator MB | budget MB | chosen |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['n']} | {r['width']:g} | {math.ceil(real['intermediate'] / int(real['hidden'] * r['width']))} | {r['attribute_s']:.2f} | "
+        lines += [f"| {r['n']} | {r['width']:g} | {-(-real['intermediate'] // slice_columns(real['intermediate'], real['hidden'], r['width']))} | {r['attribute_s']:.2f} | "
                   f"{r['allocated'] * mb:.1f} | {r['budget'] * mb:.1f} | {'yes' if r['chosen'] else ''} |" for r in slices]
     if distributed:
         one = distributed[0]["attribute_s"]
